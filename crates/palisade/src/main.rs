@@ -11,9 +11,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "palisade", version, about, propagate_version = true)]
 struct Cli {
-    /// Log filter in tracing's EnvFilter syntax (also read from RUST_LOG).
-    #[arg(long, global = true, env = "PALISADE_LOG", default_value = "info")]
-    log: String,
+    /// Log filter in tracing's EnvFilter syntax (RUST_LOG also works). Default: `info`, and
+    /// `warn` for `up`, whose own output tells the story.
+    #[arg(long, global = true, env = "PALISADE_LOG")]
+    log: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -41,6 +42,10 @@ enum Command {
     Cert(cmd::cert::Command),
     /// Run the workload agent: key, certificate rotation, and SDS for the proxy.
     Agent(cmd::agent::Args),
+    /// Run the sidecar proxy of one workload (certificates over SDS, config from the control plane).
+    Proxy(cmd::proxy::Args),
+    /// Run a workload's agent and proxy in one process.
+    Sidecar(cmd::sidecar::Args),
     /// Show what a running proxy or agent holds.
     #[command(subcommand, name = "proxy-config")]
     ProxyConfig(cmd::proxy_config::Command),
@@ -60,7 +65,9 @@ fn init_logging(filter: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs redirected to files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -69,7 +76,11 @@ fn init_logging(filter: &str, format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_format);
+    let default_log = match cli.command {
+        Command::Up(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
     // Exactly one rustls crypto provider in the tree: aws-lc-rs, installed before any TLS use.
     // An error here only means one is installed already, which is what we want.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -91,6 +102,8 @@ fn main() -> ExitCode {
             Command::Token(c) => cmd::token::run(c).await,
             Command::Cert(c) => cmd::cert::run(c).await,
             Command::Agent(args) => cmd::agent::run(args).await,
+            Command::Proxy(args) => cmd::proxy::run(args).await,
+            Command::Sidecar(args) => cmd::sidecar::run(args).await,
             Command::ProxyConfig(c) => cmd::proxy_config::run(c).await,
             Command::Authz(c) => cmd::authz::run(c).await,
             Command::Describe(c) => cmd::describe::run(c).await,

@@ -7,6 +7,8 @@ pub mod authz;
 pub mod cert;
 pub mod controlplane;
 pub mod describe;
+pub mod proxy;
 pub mod proxy_config;
+pub mod sidecar;
 pub mod token;
 pub mod up;

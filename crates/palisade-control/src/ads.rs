@@ -1,0 +1,243 @@
+//! The ADS server: `envoy.service.discovery.v3.AggregatedDiscoveryService` over mutual TLS,
+//! serving [`crate::wire::WORKLOAD_CONFIG_TYPE_URL`] resources from the snapshot cache.
+//!
+//! The proxy authenticates with its SVID. A stream may only subscribe to the WorkloadEntries
+//! whose namespace and service account are those of the client certificate's SPIFFE ID, so a
+//! compromised workload cannot read another workload's policy; other names end the stream with
+//! `PERMISSION_DENIED` (first request) or `NOT_FOUND` (later requests).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+};
+use palisade_identity::{CertSource, ClientAuth, SpiffeId, TrustBundle};
+use palisade_policy::MeshSnapshot;
+use palisade_xds::{NamePolicy, NoObserver, ResponseStream, SnapshotCache, StreamOptions};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::wire::WORKLOAD_CONFIG_TYPE_URL;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serving ADS failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdsError {
+    #[error("ADS TLS config: {0}")]
+    Tls(#[from] palisade_identity::TlsError),
+    #[error("ADS server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The ADS service over a snapshot cache, authorizing names by the client's identity.
+#[derive(Clone)]
+pub struct AdsServer {
+    cache: Arc<SnapshotCache>,
+    mesh: watch::Receiver<Arc<MeshSnapshot>>,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer").finish_non_exhaustive()
+    }
+}
+
+/// Who is on the other end of an ADS connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    pub identity: Option<SpiffeId>,
+}
+
+impl AdsServer {
+    /// Serves `cache`; `mesh` (the watcher's snapshot channel) tells which workloads an
+    /// identity may read.
+    pub fn new(cache: Arc<SnapshotCache>, mesh: watch::Receiver<Arc<MeshSnapshot>>) -> Self {
+        Self { cache, mesh }
+    }
+
+    /// The workloads `id` may read: same namespace and service account.
+    pub fn allowed_names(&self, id: &SpiffeId) -> BTreeSet<String> {
+        let Some((ns, sa)) = id.workload() else {
+            return BTreeSet::new();
+        };
+        let mesh = self.mesh.borrow().clone();
+        mesh.workload_entries
+            .iter()
+            .filter(|w| w.resource.metadata.namespace() == ns && w.resource.service_account() == sa)
+            .map(|w| w.resource.key())
+            .collect()
+    }
+
+    /// Serves ADS on `listener` over mutual TLS (`cert` is the control plane's serving
+    /// certificate; clients must present a mesh certificate) until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        cert: CertSource,
+        bundle: &TrustBundle,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AdsError> {
+        let mut tls = palisade_identity::server_config(cert, bundle, ClientAuth::Required)?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsConn, std::io::Error>>(64);
+        let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
+        let result = tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(self))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+            .await;
+        accept.abort();
+        result.map_err(AdsError::from)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: tokio::sync::mpsc::Sender<Result<TlsConn, std::io::Error>>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "ADS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let identity =
+                        palisade_identity::peer_spiffe_id(stream.get_ref().1.peer_certificates());
+                    let info = PeerInfo {
+                        remote_addr: Some(remote),
+                        identity,
+                    };
+                    let _ = tx.send(Ok(TlsConn { inner: stream, info })).await;
+                }
+                Ok(Err(e)) => tracing::info!(peer = %remote, error = %e, "ADS TLS handshake failed"),
+                Err(_) => tracing::info!(peer = %remote, "ADS TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream =
+        tokio_stream::Empty<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let Some(id) = peer.as_ref().and_then(|p| p.identity.clone()) else {
+            return Err(Status::unauthenticated("a mesh client certificate is required"));
+        };
+        let mut requests = request.into_inner();
+        let allowed = self.allowed_names(&id);
+        // Check the first request here so that a refusal says why (later ones get NOT_FOUND).
+        let first = match requests.message().await? {
+            Some(first) => first,
+            None => return Err(Status::cancelled("stream closed before its first request")),
+        };
+        if let Some(name) = first.resource_names.iter().find(|n| !allowed.contains(*n)) {
+            tracing::warn!(%id, workload = %name, "ADS subscription refused: identity does not match the workload");
+            return Err(Status::permission_denied(format!(
+                "{id} may not read the config of workload {name:?} (namespace and service account must match the certificate)"
+            )));
+        }
+        tracing::info!(
+            %id,
+            remote = ?peer.and_then(|p| p.remote_addr),
+            workloads = ?first.resource_names,
+            "ADS stream opened"
+        );
+        let options = StreamOptions::new().serve(WORKLOAD_CONFIG_TYPE_URL, NamePolicy::Known(allowed));
+        let stream = tokio_stream::once(Ok(first)).chain(requests);
+        Ok(Response::new(palisade_xds::serve_stream(
+            stream,
+            self.cache.subscribe(),
+            Arc::new(options),
+            Arc::new(NoObserver),
+        )))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "delta ADS is not supported; use StreamAggregatedResources",
+        ))
+    }
+}
+
+/// A handshaken TLS stream that tells tonic who is on the other end.
+struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

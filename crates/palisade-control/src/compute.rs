@@ -1,0 +1,245 @@
+//! Per-workload config: what one proxy gets from a validated mesh snapshot.
+
+use palisade_policy::api::{MtlsMode, WorkloadEntry};
+use palisade_policy::MeshSnapshot;
+use palisade_xds::Change;
+
+use crate::wire::{Destination, Service, ServicePort, WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
+
+/// The annotation that says a workload has no sidecar (Istio's injection switch).
+pub const SIDECAR_INJECT_ANNOTATION: &str = "sidecar.istio.io/inject";
+
+/// The config of the WorkloadEntry `namespace/name`, `None` when it does not exist.
+pub fn workload_config(snapshot: &MeshSnapshot, key: &str) -> Option<WorkloadConfig> {
+    let own = snapshot.workload(key)?;
+    let ns = own.resource.metadata.namespace();
+    let root = snapshot.mesh.root_namespace.as_str();
+    // Resolution only ever looks at the workload's namespace and the root namespace.
+    let in_scope = |n: &str| n == ns || n == root;
+    Some(WorkloadConfig {
+        workload: key.to_owned(),
+        mesh: snapshot.mesh.clone(),
+        workload_entry: (*own.resource).clone(),
+        peer_authentications: snapshot
+            .peer_authentications
+            .iter()
+            .filter(|p| in_scope(p.resource.metadata.namespace()))
+            .map(|p| (*p.resource).clone())
+            .collect(),
+        request_authentications: snapshot
+            .request_authentications
+            .iter()
+            .filter(|p| in_scope(p.resource.metadata.namespace()))
+            .map(|p| (*p.resource).clone())
+            .collect(),
+        authorization_policies: snapshot
+            .authorization_policies
+            .iter()
+            .filter(|p| in_scope(p.resource.metadata.namespace()))
+            .map(|p| (*p.resource).clone())
+            .collect(),
+        destinations: destinations(snapshot),
+        services: services(snapshot),
+    })
+}
+
+fn has_sidecar(w: &WorkloadEntry) -> bool {
+    w.metadata
+        .annotations
+        .get(SIDECAR_INJECT_ANNOTATION)
+        .is_none_or(|v| !v.eq_ignore_ascii_case("false"))
+}
+
+fn destinations(snapshot: &MeshSnapshot) -> Vec<Destination> {
+    snapshot
+        .workload_entries
+        .iter()
+        .map(|w| {
+            let we = &w.resource;
+            let key = we.key();
+            let mut plaintext_ports = Vec::new();
+            if let Some(resolved) = snapshot.resolve_workload(&key) {
+                for &port in we.spec.ports.values() {
+                    let Ok(port) = u16::try_from(port) else { continue };
+                    if resolved.mtls.for_port(port).mode == MtlsMode::Disable {
+                        plaintext_ports.push(port);
+                    }
+                }
+            }
+            plaintext_ports.sort_unstable();
+            plaintext_ports.dedup();
+            Destination {
+                key,
+                namespace: we.metadata.namespace().to_owned(),
+                address: we.spec.address.clone(),
+                service_account: we.service_account().to_owned(),
+                ports: we.spec.ports.clone(),
+                sidecar: has_sidecar(we),
+                plaintext_ports,
+            }
+        })
+        .collect()
+}
+
+fn services(snapshot: &MeshSnapshot) -> Vec<Service> {
+    snapshot
+        .service_entries
+        .iter()
+        .map(|s| {
+            let se = &s.resource;
+            let ns = se.metadata.namespace();
+            let endpoints = match &se.spec.workload_selector {
+                Some(sel) if !sel.labels.is_empty() => snapshot
+                    .workload_entries
+                    .iter()
+                    .filter(|w| {
+                        w.resource.metadata.namespace() == ns
+                            && sel
+                                .labels
+                                .iter()
+                                .all(|(k, v)| w.resource.spec.labels.get(k) == Some(v))
+                    })
+                    .map(|w| w.resource.key())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Service {
+                name: format!("{ns}/{}", se.metadata.name),
+                hosts: se.spec.hosts.clone(),
+                ports: se
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        number: p.number,
+                        target_port: p.target_port,
+                        protocol: p.protocol.clone(),
+                    })
+                    .collect(),
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+/// The ADS resources of a whole snapshot: one [`WorkloadConfig`] per WorkloadEntry, plus
+/// removals for the `previous` names that are gone. Returns the changes and the new names.
+pub fn workload_resources(
+    snapshot: &MeshSnapshot,
+    previous: &[String],
+) -> Result<(Vec<Change>, Vec<String>), serde_json::Error> {
+    let mut changes = Vec::new();
+    let keys: Vec<String> = snapshot.workload_keys().map(str::to_owned).collect();
+    for key in &keys {
+        if let Some(cfg) = workload_config(snapshot, key) {
+            changes.push(Change::Set {
+                type_url: WORKLOAD_CONFIG_TYPE_URL.to_owned(),
+                name: key.clone(),
+                body: cfg.to_any()?,
+            });
+        }
+    }
+    for gone in previous.iter().filter(|k| !keys.contains(k)) {
+        changes.push(Change::Remove {
+            type_url: WORKLOAD_CONFIG_TYPE_URL.to_owned(),
+            name: gone.clone(),
+        });
+    }
+    Ok((changes, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "trustDomain: cluster.local\n";
+    const FILES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: web, namespace: shop}
+spec: {address: 127.0.10.1, serviceAccount: web, ports: {http: 8080}, labels: {app: web}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db, namespace: data, annotations: {sidecar.istio.io/inject: "false"}}
+spec: {address: 127.0.10.2, serviceAccount: db, ports: {tcp: 5432}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: legacy, namespace: shop}
+spec: {address: 127.0.10.3, serviceAccount: legacy, ports: {http: 8080, admin: 9090}, labels: {app: legacy}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: legacy, namespace: shop}
+spec:
+  selector: {matchLabels: {app: legacy}}
+  mtls: {mode: STRICT}
+  portLevelMtls: {"9090": {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: other, namespace: elsewhere}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: shop-allow, namespace: shop}
+spec: {rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop]
+  ports: [{number: 80, targetPort: 8080, name: http, protocol: HTTP}]
+  workloadSelector: {labels: {app: web}}
+"#;
+
+    fn snapshot() -> MeshSnapshot {
+        MeshSnapshot::from_sources(
+            Some(("mesh.yaml", MESH)),
+            &[("w.yaml".to_owned(), FILES.to_owned())],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn config_holds_in_scope_policies_and_destinations() {
+        let s = snapshot();
+        let cfg = workload_config(&s, "shop/web").unwrap();
+        assert_eq!(cfg.workload_entry.spec.address, "127.0.10.1");
+        let ap: Vec<_> = cfg.authorization_policies.iter().map(|p| p.metadata.name.as_str()).collect();
+        assert_eq!(ap, ["shop-allow"], "policies of other namespaces are not sent");
+        let by_key = |k: &str| cfg.destinations.iter().find(|d| d.key == k).unwrap().clone();
+        assert!(!by_key("data/db").sidecar);
+        assert!(by_key("shop/web").sidecar);
+        assert_eq!(by_key("shop/legacy").plaintext_ports, vec![9090]);
+        assert_eq!(cfg.services[0].endpoints, vec!["shop/web".to_owned()]);
+        assert_eq!(cfg.services[0].ports[0].target_port, Some(8080));
+        assert!(workload_config(&s, "shop/none").is_none());
+    }
+
+    #[test]
+    fn resources_round_trip_and_removals() {
+        let s = snapshot();
+        let (changes, keys) =
+            workload_resources(&s, &["gone/x".to_owned(), "shop/web".to_owned()]).unwrap();
+        assert_eq!(keys.len(), 3);
+        let mut sets = 0;
+        let mut removed = Vec::new();
+        for c in &changes {
+            match c {
+                Change::Set { name, body, .. } => {
+                    sets += 1;
+                    let back = WorkloadConfig::from_any(body).unwrap();
+                    assert_eq!(&back.workload, name);
+                    assert_eq!(back, workload_config(&s, name).unwrap());
+                }
+                Change::Remove { name, .. } => removed.push(name.clone()),
+            }
+        }
+        assert_eq!(sets, 3);
+        assert_eq!(removed, vec!["gone/x".to_owned()]);
+    }
+}

@@ -1,0 +1,277 @@
+//! MeshConfig: the mesh-wide settings in `mesh.yaml` (Istio's MeshConfig subset that security
+//! depends on, plus Palisade's `caTokenIssuers` extension).
+
+use serde::{Deserialize, Serialize};
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Istio's default root namespace: policies here without a selector apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// `mesh.yaml`. Unknown fields are errors so that a typo never silently changes security.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    #[serde(default = "default_true")]
+    pub enable_auto_mtls: bool,
+    #[serde(default, rename = "meshMTLS", skip_serializing_if = "Option::is_none")]
+    pub mesh_mtls: Option<MeshMtls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<PathNormalizationConfig>,
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+    /// Palisade extension: service-account token issuers the CA trusts besides its own.
+    #[serde(default)]
+    pub ca_token_issuers: Vec<TokenIssuer>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            trust_domain_aliases: Vec::new(),
+            root_namespace: default_root_namespace(),
+            enable_auto_mtls: true,
+            mesh_mtls: None,
+            path_normalization: None,
+            extension_providers: Vec::new(),
+            ca_token_issuers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshMtls {
+    /// `TLSV1_2` or `TLSV1_3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathNormalizationConfig {
+    /// `DEFAULT`, `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalization: Option<String>,
+}
+
+/// A CA token issuer: tokens whose `iss` equals `issuer` are checked against these keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenIssuer {
+    pub issuer: String,
+    /// A JWKS document on disk (relative paths are relative to `mesh.yaml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// A JWKS document over http(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// Inline JWKS JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+}
+
+/// `extensionProviders[]`: exactly one of the provider kinds is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionProvider {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttpProvider>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzGrpcProvider {
+    pub service: String,
+    pub port: u32,
+    /// Duration string such as `0.5s` or `600s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_on_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<BodyInCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzHttpProvider {
+    pub service: String,
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_on_error: Option<String>,
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_additional_headers_in_check: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<BodyInCheck>,
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BodyInCheck {
+    #[serde(default)]
+    pub max_request_bytes: u32,
+    #[serde(default)]
+    pub allow_partial_message: bool,
+    #[serde(default)]
+    pub pack_as_bytes: bool,
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_root_namespace() -> String {
+    DEFAULT_ROOT_NAMESPACE.to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: MeshConfig: {reason}")]
+    Parse { path: String, reason: String },
+    /// Parsed, but breaks a validation rule; one `field: reason` per line.
+    #[error("{path}: MeshConfig: {reasons}")]
+    Invalid { path: String, reasons: String },
+}
+
+/// Parses `mesh.yaml` text and validates it; warnings and errors are returned as issues.
+pub(crate) fn parse_mesh_config(
+    text: &str,
+) -> Result<(MeshConfig, Vec<crate::validate::FieldIssue>), crate::snapshot::ParseFailure> {
+    let only_comments = text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---"
+    });
+    let cfg: MeshConfig = if only_comments {
+        MeshConfig::default()
+    } else {
+        crate::snapshot::parse_yaml(text)?
+    };
+    let issues = crate::validate::mesh_config_issues(&cfg);
+    Ok((cfg, issues))
+}
+
+impl MeshConfig {
+    /// Parses and validates `mesh.yaml` text; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, MeshConfigError> {
+        let (cfg, issues) = parse_mesh_config(text).map_err(|f| MeshConfigError::Parse {
+            path: origin.to_owned(),
+            reason: match (f.path, f.line) {
+                (Some(p), Some(l)) => format!("line {l}: {p}: {}", f.reason),
+                (Some(p), None) => format!("{p}: {}", f.reason),
+                (None, Some(l)) => format!("line {l}: {}", f.reason),
+                (None, None) => f.reason,
+            },
+        })?;
+        let errors: Vec<String> = issues
+            .iter()
+            .filter(|i| i.severity == crate::validate::Severity::Error)
+            .map(|i| format!("{}: {}", i.path, i.reason))
+            .collect();
+        if !errors.is_empty() {
+            return Err(MeshConfigError::Invalid {
+                path: origin.to_owned(),
+                reasons: errors.join("; "),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses a `mesh.yaml` file.
+    pub fn load(path: &std::path::Path) -> Result<Self, MeshConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MeshConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// The trust-domain bundle: the trust domain first, then its aliases.
+    pub fn trust_domain_bundle(&self) -> Vec<String> {
+        let mut all = vec![self.trust_domain.clone()];
+        for alias in &self.trust_domain_aliases {
+            if !all.contains(alias) {
+                all.push(alias.clone());
+            }
+        }
+        all
+    }
+
+    /// The path normalization requests get before path matching (BASE when unset).
+    pub fn path_normalization_mode(&self) -> crate::normalize::PathNormalization {
+        self.path_normalization
+            .as_ref()
+            .and_then(|p| p.normalization.as_deref())
+            .and_then(crate::normalize::PathNormalization::from_config)
+            .unwrap_or_default()
+    }
+
+    /// True when `trust_domain` is the trust domain or one of its aliases.
+    pub fn is_local_trust_domain(&self, trust_domain: &str) -> bool {
+        self.trust_domain == trust_domain
+            || self.trust_domain_aliases.iter().any(|a| a == trust_domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_yaml_defaults_and_validation() {
+        let empty = MeshConfig::from_yaml("# nothing\n", "mesh.yaml").unwrap();
+        assert_eq!(empty, MeshConfig::default());
+        let cfg = MeshConfig::from_yaml(
+            "trustDomain: td1\ntrustDomainAliases: [old, td1]\n",
+            "mesh.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.trust_domain_bundle(), ["td1", "old"]);
+        let err = MeshConfig::from_yaml("trustDomain: a/b\n", "mesh.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("mesh.yaml: MeshConfig: trustDomain:"),
+            "{err}"
+        );
+        let err = MeshConfig::from_yaml("trustDomian: x\n", "mesh.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 1: trustDomian: unknown field"),
+            "{err}"
+        );
+    }
+}

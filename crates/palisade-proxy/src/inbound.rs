@@ -1,0 +1,379 @@
+//! Inbound: the workload's listeners. Transport per the port's mTLS mode, protocol by ALPN or
+//! sniffing, then per-request (HTTP) or per-connection (TCP) authorization, then the app.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use palisade_policy::api::MtlsMode;
+use palisade_policy::{HeaderLookup, HttpAttributes, RequestContext};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Shared;
+use crate::authz::{Outcome, authorize};
+use crate::sniff::{Protocol, detect};
+
+/// The client the proxy uses to reach its application (pooled HTTP/1.1 on loopback).
+pub type AppClient = Client<HttpConnector, Incoming>;
+/// Response bodies: the upstream's, or one generated here.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Headers that belong to one hop (RFC 9110 section 7.6.1) and are not forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+pub fn app_client() -> AppClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_timer(TokioTimer::new())
+        .build(http)
+}
+
+/// Facts about one inbound connection, fixed at accept/handshake time.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub port: u16,
+    pub source: SocketAddr,
+    pub local_ip: IpAddr,
+    /// Verified peer principal `<td>/ns/<ns>/sa/<sa>` (mTLS only).
+    pub principal: Option<String>,
+    pub sni: Option<String>,
+    /// The `x-forwarded-client-cert` value for this peer (mTLS only).
+    pub xfcc: Option<HeaderValue>,
+}
+
+/// Accepts on one inbound listener.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
+    loop {
+        let (tcp, source) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            shared.metrics.active_connections.inc();
+            handle(&shared, tcp, source, port).await;
+            shared.metrics.active_connections.dec();
+        });
+    }
+}
+
+fn mode_name(m: MtlsMode) -> &'static str {
+    m.as_str()
+}
+
+async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: u16) {
+    let Some(cfg) = shared.config.load_full() else { return };
+    let mode = cfg.policy.mtls().for_port(port).mode;
+    let local_ip = tcp.local_addr().map_or(cfg.address, |a| a.ip());
+    drop(cfg);
+    let plain_info = || ConnInfo {
+        port,
+        source,
+        local_ip,
+        principal: None,
+        sni: None,
+        xfcc: None,
+    };
+    let tls = match mode {
+        MtlsMode::Disable => false,
+        MtlsMode::Strict => {
+            // Look at the first byte only to tell a plaintext client from a failed handshake.
+            if !looks_like_tls(&tcp).await {
+                shared.metrics.handshake(mode_name(mode), "refused_plaintext");
+                tracing::info!(port, %source, "STRICT port: plaintext connection refused");
+                return;
+            }
+            true
+        }
+        MtlsMode::Permissive | MtlsMode::Unset => looks_like_tls(&tcp).await,
+    };
+    if !tls {
+        shared.metrics.handshake(mode_name(mode), "plaintext");
+        serve_stream(shared, Arc::new(plain_info()), tcp).await;
+        return;
+    }
+    let Some(state) = shared.certs.tls() else { return };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&state.server));
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.metrics.handshake(mode_name(mode), "failed");
+            tracing::info!(port, %source, mode = mode_name(mode), error = %e, "inbound TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake(mode_name(mode), "failed");
+            return;
+        }
+    };
+    shared.metrics.handshake(mode_name(mode), "mtls");
+    let (_, session) = stream.get_ref();
+    let peer_certs = session.peer_certificates();
+    let peer_id = palisade_identity::peer_spiffe_id(peer_certs);
+    let xfcc = match (&peer_id, peer_certs.and_then(|c| c.first())) {
+        (Some(id), Some(leaf)) => {
+            let v = format!(
+                "By={};Hash={};URI={}",
+                state.own_id,
+                crate::certs::cert_sha256_hex(leaf.as_ref()),
+                id
+            );
+            HeaderValue::from_str(&v).ok()
+        }
+        _ => None,
+    };
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let info = Arc::new(ConnInfo {
+        port,
+        source,
+        local_ip,
+        principal: peer_id.as_ref().map(palisade_identity::SpiffeId::principal),
+        sni: session.server_name().map(str::to_owned),
+        xfcc,
+    });
+    match alpn.as_deref() {
+        Some(b"h2" | b"istio-h2") => serve_http(shared, info, stream, Protocol::Http2).await,
+        Some(b"http/1.1" | b"istio-http/1.1" | b"istio-http/1.0") => {
+            serve_http(shared, info, stream, Protocol::Http1).await
+        }
+        _ => serve_stream(shared, info, stream).await,
+    }
+}
+
+/// PERMISSIVE/STRICT: is the first byte a TLS handshake record? A silent client counts as not.
+async fn looks_like_tls(tcp: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(crate::sniff::SNIFF_TIMEOUT, tcp.peek(&mut b)).await,
+        Ok(Ok(1)) if b[0] == 0x16
+    )
+}
+
+/// Sniffs HTTP/1, HTTP/2 or TCP on a (plaintext or decrypted) stream and serves it.
+async fn serve_stream<S>(shared: &Arc<Shared>, info: Arc<ConnInfo>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (protocol, stream) = detect(stream).await;
+    match protocol {
+        Protocol::Tcp => serve_tcp(shared, info, stream).await,
+        p => serve_http(shared, info, stream, p).await,
+    }
+}
+
+async fn serve_http<S>(shared: &Arc<Shared>, info: Arc<ConnInfo>, stream: S, protocol: Protocol)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.metrics.connection("inbound", protocol.as_str());
+    let io = TokioIo::new(stream);
+    let svc_shared = Arc::clone(shared);
+    let service = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&svc_shared);
+        let info = Arc::clone(&info);
+        async move { Ok::<_, Infallible>(request(&shared, &info, req).await) }
+    });
+    let result = if protocol == Protocol::Http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+/// `http::HeaderMap` as the policy engine's header source.
+pub struct Headers<'a>(pub &'a http::HeaderMap);
+
+impl HeaderLookup for Headers<'_> {
+    fn get_all<'s>(&'s self, name: &str, out: &mut dyn FnMut(&'s str)) {
+        for v in self.0.get_all(name) {
+            if let Ok(s) = v.to_str() {
+                out(s);
+            }
+        }
+    }
+}
+
+/// `Host` (HTTP/1) or `:authority` (HTTP/2).
+pub fn host_of<B>(req: &Request<B>) -> &str {
+    req.headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
+        .unwrap_or("")
+}
+
+pub fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(cfg) = shared.config.load_full() else {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
+    };
+    let Some(port) = cfg.inbound_port(info.port) else {
+        return text_response(StatusCode::NOT_FOUND, "no such port\n");
+    };
+    let outcome = {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let headers = Headers(req.headers());
+        let ctx = RequestContext {
+            port: info.port,
+            destination_ip: Some(info.local_ip),
+            source_ip: Some(info.source.ip()),
+            remote_ip: None,
+            peer_principal: info.principal.as_deref(),
+            sni: info.sni.as_deref(),
+            http: Some(HttpAttributes {
+                method: req.method().as_str(),
+                path,
+                host: host_of(&req),
+                headers: &headers,
+            }),
+            jwt: None,
+        };
+        authorize(&cfg, &ctx, true, &shared.rbac_log)
+    };
+    match outcome {
+        Outcome::Allow => {}
+        Outcome::Deny => return text_response(StatusCode::FORBIDDEN, "RBAC: access denied"),
+        Outcome::BadRequest => return text_response(StatusCode::BAD_REQUEST, "Bad Request"),
+    }
+    // HTTP/2 requests carry the authority in the URI: keep it as Host for the HTTP/1.1 app.
+    if !req.headers().contains_key(HOST)
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(HOST, v);
+    }
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    headers.remove(&XFCC);
+    if let Some(x) = &info.xfcc {
+        headers.insert(XFCC, x.clone());
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(port.app_authority.clone());
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    match Uri::from_parts(parts) {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => return text_response(StatusCode::BAD_REQUEST, "Bad Request"),
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    drop(cfg);
+    match shared.app_client.request(req).await {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(Either::Left)
+        }
+        Err(e) => {
+            tracing::info!(port = info.port, error = %e, "application unreachable");
+            text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+        }
+    }
+}
+
+/// Opaque TCP: authorize once, then splice to the app; re-checked on every new config.
+async fn serve_tcp<S>(shared: &Arc<Shared>, info: Arc<ConnInfo>, mut stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.metrics.connection("inbound", "tcp");
+    let mut generation = shared.config_gen.subscribe();
+    generation.borrow_and_update();
+    let Some(cfg) = shared.config.load_full() else { return };
+    if tcp_decision(shared, &cfg, &info) != Outcome::Allow {
+        return;
+    }
+    let Some(app) = cfg.inbound_port(info.port).map(|p| p.app) else { return };
+    drop(cfg);
+    let mut upstream = match TcpStream::connect(app).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(port = info.port, %app, error = %e, "application unreachable");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let copy = tokio::io::copy_bidirectional(&mut stream, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            changed = generation.changed() => {
+                if changed.is_err() { return; }
+                let Some(cfg) = shared.config.load_full() else { continue };
+                if tcp_decision(shared, &cfg, &info) != Outcome::Allow {
+                    shared.metrics.tcp_closed_by_policy.inc();
+                    tracing::info!(
+                        target: "palisade::rbac",
+                        port = info.port,
+                        source = %info.source,
+                        version = %cfg.version,
+                        "open TCP connection closed: the new policy denies it"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn tcp_decision(shared: &Shared, cfg: &crate::ProxyConfig, info: &ConnInfo) -> Outcome {
+    let ctx = RequestContext {
+        port: info.port,
+        destination_ip: Some(info.local_ip),
+        source_ip: Some(info.source.ip()),
+        remote_ip: None,
+        peer_principal: info.principal.as_deref(),
+        sni: info.sni.as_deref(),
+        http: None,
+        jwt: None,
+    };
+    authorize(cfg, &ctx, false, &shared.rbac_log)
+}

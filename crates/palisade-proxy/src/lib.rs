@@ -1,0 +1,323 @@
+//! The Palisade sidecar: the data path of one workload.
+//!
+//! - Inbound ([`inbound`]): one listener per WorkloadEntry port on the workload's address,
+//!   forwarding to the application on `127.0.0.1:<app port>`. Per port the effective
+//!   PeerAuthentication mode decides the transport: STRICT (mutual TLS, client SPIFFE ID in the
+//!   trust domain or an alias), PERMISSIVE (TLS ClientHello sniffed: TLS or plaintext), DISABLE
+//!   (plaintext). Then HTTP/1.1 or HTTP/2 (ALPN, or sniffed) is authorized per request (deny:
+//!   403 `RBAC: access denied`), anything else is opaque TCP authorized per connection (deny:
+//!   closed; also closed later when a new policy denies it). The application receives
+//!   `x-forwarded-client-cert` (`By=..;Hash=..;URI=..`) set by the proxy, never the client's.
+//! - Outbound ([`outbound`]): an HTTP proxy listener for the application (absolute URI or Host
+//!   naming a ServiceEntry host or a workload address) and declared TCP upstreams. Auto mTLS:
+//!   mutual TLS to destinations with a sidecar, the server's SPIFFE ID checked against the
+//!   destination's service account; plaintext otherwise. Connections are pooled and HTTP/2 is
+//!   multiplexed between sidecars.
+//! - Certificates ([`certs`], [`sds`]): from the agent over SDS, or in process
+//!   (`palisade sidecar`); rotation applies to new handshakes without restart.
+//! - Config ([`ads`], [`config`]): the control plane pushes `palisade.config.v1.WorkloadConfig`
+//!   over ADS; the proxy compiles it with `palisade-policy`, NACKs what does not compile, and
+//!   swaps configs atomically (`arc-swap`): requests never take a lock.
+//! - Admin ([`admin`]): `/stats`, `/config_dump`, `/certs`, `/logging?rbac=debug`, `/ready`.
+
+pub mod admin;
+pub mod ads;
+pub mod authz;
+pub mod certs;
+pub mod config;
+pub mod inbound;
+pub mod io;
+pub mod metrics;
+pub mod outbound;
+pub mod sds;
+pub mod sniff;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use certs::{CertMaterial, Certs};
+pub use config::{ConfigError, ProxyConfig};
+pub use wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
+
+/// The control plane's SPIFFE path (any trust domain of the bundle): the ADS server must
+/// present it.
+pub const CONTROL_PLANE_PATH: &str = "/ns/istio-system/sa/palisade-controlplane";
+
+/// A declared outbound TCP upstream: the app connects to `listen`, the proxy to `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpUpstream {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+/// How to run one proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// `namespace/name` of the WorkloadEntry.
+    pub workload: String,
+    /// The control plane's ADS address (`host:port`).
+    pub control_plane: String,
+    pub admin: SocketAddr,
+    /// The outbound HTTP listener.
+    pub outbound: SocketAddr,
+    /// Workload port to application port (overrides the WorkloadEntry annotations).
+    pub app_ports: BTreeMap<u16, u16>,
+    pub tcp_upstreams: Vec<TcpUpstream>,
+    /// Written (JSON with the bound addresses) once the proxy serves.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind { addr: SocketAddr, cause: std::io::Error },
+    #[error("workload {0:?} must be namespace/name")]
+    Workload(String),
+}
+
+/// State shared by every task of one proxy.
+pub struct Shared {
+    pub options: ProxyOptions,
+    pub config: ArcSwapOption<ProxyConfig>,
+    /// Bumped on every installed config (open TCP connections re-check their authorization).
+    pub config_gen: watch::Sender<u64>,
+    pub certs: Arc<Certs>,
+    pub metrics: metrics::Metrics,
+    pub registry: prometheus_client::registry::Registry,
+    pub rbac_log: authz::RbacLog,
+    pub ready: AtomicBool,
+    pub app_client: inbound::AppClient,
+    pub mesh_client: outbound::MeshClient,
+    /// Bound addresses of the inbound listeners.
+    pub inbound_bound: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("workload", &self.options.workload).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Installs a pushed config (compiled already by [`ProxyConfig::build`]).
+    pub fn install(&self, mut cfg: ProxyConfig) {
+        cfg.counters = self.metrics.decision_counters(&cfg.policy);
+        if let Err(e) = self.certs.set_aliases(cfg.trust_domain_aliases.clone()) {
+            tracing::error!(error = %e, "cannot rebuild TLS configs for the new trust domain aliases");
+        }
+        tracing::info!(
+            workload = %cfg.workload,
+            version = %cfg.version,
+            policies = cfg.policy.policies().len(),
+            mode = %cfg.policy.mtls().workload.mode.as_str(),
+            "config installed"
+        );
+        self.metrics.config_updates.inc();
+        self.config.store(Some(Arc::new(cfg)));
+        self.config_gen.send_modify(|g| *g += 1);
+    }
+}
+
+/// A running proxy. Dropping it stops its tasks.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    admin_addr: SocketAddr,
+    outbound_addr: SocketAddr,
+    tcp_addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr).await.map_err(|cause| ProxyError::Bind { addr, cause })
+}
+
+impl Proxy {
+    /// Binds the admin, outbound and TCP upstream listeners, then takes certificates from
+    /// `certs` and config from the control plane; inbound listeners open with the first config.
+    pub async fn start(
+        options: ProxyOptions,
+        certs: watch::Receiver<Option<Arc<CertMaterial>>>,
+    ) -> Result<Self, ProxyError> {
+        if options.workload.split_once('/').is_none_or(|(a, b)| a.is_empty() || b.is_empty() || b.contains('/')) {
+            return Err(ProxyError::Workload(options.workload.clone()));
+        }
+        let admin_listener = bind(options.admin).await?;
+        let outbound_listener = bind(options.outbound).await?;
+        let mut tcp_listeners = Vec::new();
+        for up in &options.tcp_upstreams {
+            tcp_listeners.push((bind(up.listen).await?, up.clone()));
+        }
+        let local = |l: &TcpListener, a: SocketAddr| l.local_addr().map_err(|cause| ProxyError::Bind { addr: a, cause });
+        let admin_addr = local(&admin_listener, options.admin)?;
+        let outbound_addr = local(&outbound_listener, options.outbound)?;
+        let tcp_addrs = tcp_listeners
+            .iter()
+            .map(|(l, u)| local(l, u.listen))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let metrics = metrics::Metrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let cert_store = Arc::new(Certs::default());
+        let (config_gen, _) = watch::channel(0u64);
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| Shared {
+            options: options.clone(),
+            config: ArcSwapOption::empty(),
+            config_gen,
+            certs: Arc::clone(&cert_store),
+            metrics: metrics.clone(),
+            registry,
+            rbac_log: authz::RbacLog::default(),
+            ready: AtomicBool::new(false),
+            app_client: inbound::app_client(),
+            mesh_client: outbound::mesh_client(weak.clone()),
+            inbound_bound: std::sync::Mutex::new(Vec::new()),
+        });
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(admin::serve(Arc::clone(&shared), admin_listener)));
+        tasks.push(tokio::spawn(outbound::serve_http(Arc::clone(&shared), outbound_listener)));
+        for (l, up) in tcp_listeners {
+            tasks.push(tokio::spawn(outbound::serve_tcp(Arc::clone(&shared), l, up)));
+        }
+        tasks.push(tokio::spawn(watch_certs(Arc::clone(&shared), certs)));
+        tasks.push(tokio::spawn(ads::run(Arc::clone(&shared))));
+        tasks.push(tokio::spawn(reconcile_listeners(
+            Arc::clone(&shared),
+            admin_addr,
+            outbound_addr,
+            tcp_addrs.clone(),
+        )));
+        tracing::info!(workload = %options.workload, admin = %admin_addr, outbound = %outbound_addr, "proxy starting");
+        Ok(Self {
+            shared,
+            admin_addr,
+            outbound_addr,
+            tcp_addrs,
+            tasks,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    /// Bound addresses of the TCP upstream listeners, in option order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Completes when the first task ends (it should not): a crash surfaces to the caller.
+    pub async fn wait(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        let (_, _, rest) = futures::future::select_all(self.tasks.drain(..)).await;
+        self.tasks = rest;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn watch_certs(shared: Arc<Shared>, mut certs: watch::Receiver<Option<Arc<CertMaterial>>>) {
+    loop {
+        let current = certs.borrow_and_update().clone();
+        if let Some(m) = current {
+            let serial = m.svid.leaf_info().serial.clone();
+            match shared.certs.update((*m).clone()) {
+                Ok(()) => tracing::info!(identity = %m.svid.spiffe_id(), %serial, "certificate installed"),
+                Err(e) => tracing::error!(error = %e, "cannot use the new certificate; keeping the previous one"),
+            }
+        }
+        if certs.changed().await.is_err() {
+            tracing::warn!("certificate source ended");
+            return;
+        }
+    }
+}
+
+/// Opens and closes inbound listeners as configs change; marks the proxy ready after the first.
+async fn reconcile_listeners(
+    shared: Arc<Shared>,
+    admin: SocketAddr,
+    outbound: SocketAddr,
+    tcp: Vec<SocketAddr>,
+) {
+    let mut generation = shared.config_gen.subscribe();
+    let mut running: HashMap<SocketAddr, (u16, JoinHandle<()>)> = HashMap::new();
+    loop {
+        if let Some(cfg) = shared.config.load_full() {
+            let wanted: HashMap<SocketAddr, u16> = cfg.inbound.iter().map(|p| (p.listen, p.port)).collect();
+            running.retain(|addr, (port, task)| {
+                let keep = wanted.get(addr) == Some(port);
+                if !keep {
+                    tracing::info!(%addr, "inbound listener closed");
+                    task.abort();
+                }
+                keep
+            });
+            for (&addr, &port) in &wanted {
+                if running.contains_key(&addr) {
+                    continue;
+                }
+                match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tracing::info!(%addr, port, "inbound listener open");
+                        running.insert(addr, (port, tokio::spawn(inbound::serve(Arc::clone(&shared), l, port))));
+                    }
+                    Err(e) => tracing::error!(%addr, error = %e, "cannot open inbound listener"),
+                }
+            }
+            {
+                let mut bound = shared.inbound_bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                *bound = running.keys().copied().collect();
+                bound.sort();
+            }
+            if shared.certs.tls().is_some() && !shared.ready.swap(true, Ordering::SeqCst) {
+                tracing::info!(workload = %cfg.workload, "proxy ready");
+                if let Some(path) = &shared.options.ready_file {
+                    let doc = serde_json::json!({
+                        "admin": admin.to_string(),
+                        "outbound": outbound.to_string(),
+                        "tcp": tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "inbound": running.keys().map(ToString::to_string).collect::<Vec<_>>(),
+                    });
+                    let tmp = path.with_extension("tmp");
+                    let written = std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+                    if let Err(e) = written {
+                        tracing::error!(path = %path.display(), error = %e, "cannot write the ready file");
+                    }
+                }
+            }
+        }
+        if generation.changed().await.is_err() {
+            return;
+        }
+    }
+}

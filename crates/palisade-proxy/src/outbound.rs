@@ -1,0 +1,240 @@
+//! Outbound: the application's HTTP proxy listener and its declared TCP upstreams. The
+//! destination is a ServiceEntry host or a workload address; auto mTLS decides the transport.
+//! HTTP goes through one pooling client: connections are reused, and HTTP/2 (negotiated by
+//! ALPN with a Palisade server sidecar) carries many requests on one connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HOST, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Upstream;
+use crate::inbound::{Body, strip_hop_by_hop, text_response};
+use crate::io::MeshConn;
+use crate::{Shared, TcpUpstream};
+
+/// The pooling client to other workloads.
+pub type MeshClient = Client<MeshConnector, Incoming>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn mesh_client(shared: Weak<Shared>) -> MeshClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(MeshConnector { shared })
+}
+
+/// Splits `host[:port]` (IPv6 in brackets); port defaults to `default_port`.
+pub fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host, port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h, p.parse().ok()?)),
+        None => Some((authority, default_port)),
+    }
+}
+
+/// Connects to an upstream: plaintext, or mutual TLS checking the destination's SPIFFE ID.
+pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io::Result<MeshConn> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(up.addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", up.addr)))??;
+    let _ = tcp.set_nodelay(true);
+    let Some(id) = &up.mtls else {
+        shared.metrics.connection("outbound", "plaintext");
+        return Ok(MeshConn::Plain(TokioIo::new(tcp)));
+    };
+    let state = shared
+        .certs
+        .tls()
+        .ok_or_else(|| std::io::Error::other("no workload certificate yet"))?;
+    let cfg = if alpn_http { state.client_for(id) } else { state.client_for_tcp(id) }.map_err(std::io::Error::other)?;
+    let name = ServerName::IpAddress(up.addr.ip().into());
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .inspect_err(|e| tracing::info!(upstream = %up.addr, expected = %id, error = %e, "outbound mTLS handshake failed"))?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    shared.metrics.connection("outbound", if h2 { "mtls_h2" } else { "mtls" });
+    Ok(MeshConn::Tls {
+        io: TokioIo::new(tls),
+        h2,
+    })
+}
+
+/// hyper-util connector: resolves the request authority with the current config.
+#[derive(Clone)]
+pub struct MeshConnector {
+    shared: Weak<Shared>,
+}
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshConn;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<MeshConn>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let shared = shared.upgrade().ok_or_else(|| std::io::Error::other("proxy stopped"))?;
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+            let (host, port) = split_host_port(authority, 80)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad authority {authority:?}")))?;
+            let cfg = shared.config.load_full().ok_or_else(|| std::io::Error::other("no config yet"))?;
+            let up = cfg
+                .route(host, port)
+                .and_then(|r| r.pick())
+                .cloned()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no route to {authority}")))?;
+            drop(cfg);
+            connect(&shared, &up, true).await
+        })
+    }
+}
+
+/// The application-facing HTTP proxy listener (HTTP/1.1 and HTTP/2 prior knowledge).
+pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let svc_shared = Arc::clone(&shared);
+            let service = hyper::service::service_fn(move |req| {
+                let shared = Arc::clone(&svc_shared);
+                async move { Ok::<_, Infallible>(request(&shared, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+    // The destination: the absolute URI's authority (proxy form), else Host.
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => match req
+            .headers()
+            .get(HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        {
+            Some(a) => a,
+            None => return text_response(StatusCode::BAD_REQUEST, "no destination: use an absolute URI or a Host header\n"),
+        },
+    };
+    let routed = {
+        let Some(cfg) = shared.config.load_full() else {
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
+        };
+        split_host_port(authority.as_str(), 80).is_some_and(|(h, p)| cfg.route(h, p).is_some_and(|r| !r.endpoints.is_empty()))
+    };
+    if !routed {
+        tracing::info!(destination = %authority, "outbound: no route");
+        return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
+    }
+    if !req.headers().contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(HOST, v);
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    match Uri::from_parts(parts) {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => return text_response(StatusCode::BAD_REQUEST, "Bad Request\n"),
+    }
+    // The pooling client picks HTTP/2 when the upstream negotiated it.
+    *req.version_mut() = http::Version::HTTP_11;
+    match shared.mesh_client.request(req).await {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(Either::Left)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, source = ?std::error::Error::source(&e), "outbound request failed");
+            text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers\n")
+        }
+    }
+}
+
+/// A declared TCP upstream: every accepted connection is spliced to the destination.
+pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstream) {
+    loop {
+        let (mut app, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let up = up.clone();
+        tokio::spawn(async move {
+            let target = shared
+                .config
+                .load_full()
+                .and_then(|cfg| cfg.route(&up.host, up.port).and_then(|r| r.pick()).cloned());
+            let Some(target) = target else {
+                tracing::info!(host = %up.host, port = up.port, "outbound TCP: no route");
+                return;
+            };
+            let conn = match connect(&shared, &target, false).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(upstream = %target.addr, error = %e, "outbound TCP connect failed");
+                    return;
+                }
+            };
+            let result = match conn {
+                MeshConn::Plain(io) => tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await,
+                MeshConn::Tls { io, .. } => tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "outbound TCP connection ended with an error");
+            }
+        });
+    }
+}

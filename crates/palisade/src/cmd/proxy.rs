@@ -1,0 +1,146 @@
+//! `palisade proxy`: the sidecar proxy of one workload, with certificates from an agent over
+//! SDS and config from the control plane over ADS.
+//!
+//! The application's port: `--app-port PORT=APPPORT` (repeatable), else the WorkloadEntry
+//! annotation `palisade.dev/app-port-<PORT>: "<APPPORT>"`, else the same port; the application
+//! listens on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use palisade_proxy::{CertMaterial, Proxy, ProxyOptions, TcpUpstream};
+use tokio::sync::watch;
+
+/// What the proxy and the sidecar share.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The WorkloadEntry this proxy serves, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NS/NAME")]
+    pub workload: String,
+    /// Admin endpoint (/stats, /config_dump, /certs, /logging, /ready). Port 0 picks one.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// The application's outbound HTTP proxy listener. Port 0 picks one.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// Application port for a workload port: PORT=APPPORT (repeatable).
+    #[arg(long = "app-port", value_name = "PORT=APPPORT", value_parser = parse_app_port)]
+    pub app_ports: Vec<(u16, u16)>,
+    /// A declared outbound TCP upstream: LISTEN_ADDR=HOST:PORT (repeatable); the application
+    /// connects to LISTEN_ADDR, the proxy to HOST:PORT (a ServiceEntry host or workload address).
+    #[arg(long = "tcp-upstream", value_name = "LISTEN=HOST:PORT", value_parser = parse_tcp_upstream)]
+    pub tcp_upstreams: Vec<TcpUpstream>,
+    /// Write the bound addresses here (JSON) once the proxy is ready.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// The control plane's ADS address (mutual TLS).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15010")]
+    pub control_plane: String,
+    /// Extra mesh root certificate(s), trusted besides the agent's ROOTCA.
+    #[arg(long, value_name = "FILE")]
+    pub ca_root: Option<PathBuf>,
+    /// The agent's SDS socket.
+    #[arg(long, value_name = "PATH")]
+    pub sds_socket: PathBuf,
+}
+
+fn parse_app_port(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('=').ok_or("expected PORT=APPPORT")?;
+    let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((p(a)?, p(b)?))
+}
+
+fn parse_tcp_upstream(s: &str) -> Result<TcpUpstream, String> {
+    let (listen, target) = s.split_once('=').ok_or("expected LISTEN_ADDR=HOST:PORT")?;
+    let listen: SocketAddr = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
+    let (host, port) = palisade_proxy::outbound::split_host_port(target, 0)
+        .filter(|(h, p)| !h.is_empty() && *p != 0)
+        .ok_or_else(|| format!("{target:?}: expected HOST:PORT"))?;
+    Ok(TcpUpstream {
+        listen,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+impl ProxyArgs {
+    pub fn options(&self, control_plane: String) -> ProxyOptions {
+        ProxyOptions {
+            workload: self.workload.clone(),
+            control_plane,
+            admin: self.admin,
+            outbound: self.outbound,
+            app_ports: self.app_ports.iter().copied().collect::<BTreeMap<_, _>>(),
+            tcp_upstreams: self.tcp_upstreams.clone(),
+            ready_file: self.ready_file.clone(),
+        }
+    }
+}
+
+/// Starts the proxy, prints its addresses, and runs until a signal.
+pub async fn run_proxy(
+    options: ProxyOptions,
+    certs: watch::Receiver<Option<Arc<CertMaterial>>>,
+) -> anyhow::Result<ExitCode> {
+    let mut proxy = Proxy::start(options, certs).await.context("starting the proxy")?;
+    // Tests and scripts read the addresses from this line or from the ready file.
+    println!(
+        "palisade proxy: admin listening on {}, outbound on {}",
+        proxy.admin_addr(),
+        proxy.outbound_addr()
+    );
+    tokio::select! {
+        () = super::controlplane::shutdown_signal() => {}
+        () = proxy.wait() => anyhow::bail!("a proxy task stopped unexpectedly"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let extra_roots = match &args.ca_root {
+        Some(path) => palisade_identity::pem::read_certs(path).with_context(|| format!("--ca-root {}", path.display()))?,
+        None => Vec::new(),
+    };
+    let sds = palisade_proxy::sds::stream_certificates(args.sds_socket.clone());
+    let certs = with_extra_roots(sds, extra_roots);
+    run_proxy(args.proxy.options(args.control_plane.clone()), certs).await
+}
+
+/// Adds `extra` to the roots of every material `source` publishes.
+pub fn with_extra_roots(
+    mut source: watch::Receiver<Option<Arc<CertMaterial>>>,
+    extra: Vec<palisade_identity::CertificateDer<'static>>,
+) -> watch::Receiver<Option<Arc<CertMaterial>>> {
+    if extra.is_empty() {
+        return source;
+    }
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let current = source.borrow_and_update().clone();
+            if let Some(m) = current {
+                let mut m = (*m).clone();
+                for r in &extra {
+                    if !m.roots.contains(r) {
+                        m.roots.push(r.clone());
+                    }
+                }
+                tx.send_replace(Some(Arc::new(m)));
+            }
+            if source.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
