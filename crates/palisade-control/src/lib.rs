@@ -15,6 +15,7 @@
 
 pub mod ads;
 pub mod compute;
+pub mod jwks;
 pub mod watch;
 pub mod wire;
 

@@ -52,8 +52,9 @@ pub fn authorize(cfg: &ProxyConfig, ctx: &RequestContext<'_>, http: bool, log: &
             return Outcome::BadRequest;
         }
     };
-    // CUSTOM (ext_authz) is not wired into this proxy yet: fail closed rather than skip it.
-    let allowed = verdict.allowed && verdict.custom.is_empty();
+    // CUSTOM providers are asked by the HTTP caller first (`inbound::request`, ext_authz); on
+    // TCP they cannot be asked: fail closed rather than skip them.
+    let allowed = verdict.allowed && (http || verdict.custom.is_empty());
     count(cfg, &verdict, allowed, http);
     if !allowed {
         log_deny(cfg, ctx, &verdict);
@@ -100,7 +101,7 @@ fn log_deny(cfg: &ProxyConfig, ctx: &RequestContext<'_>, v: &Verdict<'_>) {
         Err(e) => e.to_string(),
     };
     let reason = if v.allowed && !v.custom.is_empty() {
-        format!("CUSTOM provider(s) {:?} cannot be asked: ext_authz is not supported by this proxy", v.custom)
+        format!("CUSTOM provider(s) {:?} cannot be asked on a TCP connection", v.custom)
     } else {
         reason
     };

@@ -93,6 +93,10 @@ pub struct ProxyConfig {
     pub inbound: Vec<InboundPort>,
     /// Decision counters resolved for this policy (set by the proxy when it installs the config).
     pub counters: crate::metrics::DecisionCounters,
+    /// JWT authentication of the workload's RequestAuthentication rules (keys inline).
+    pub jwt: crate::jwt::JwtAuthn,
+    /// The CUSTOM authorizers of the mesh's extension providers.
+    pub ext_authz: crate::ext_authz::ExtAuthz,
     /// `(lowercase host, port)` to route; hosts are ServiceEntry hosts and workload addresses.
     routes: HashMap<String, HashMap<u16, Route>>,
 }
@@ -181,6 +185,11 @@ impl ProxyConfig {
             .collect::<Result<Vec<_>, _>>()?;
 
         let routes = build_routes(&wire, &trust_domain);
+        let (jwt, jwt_warnings) = crate::jwt::JwtAuthn::build(policy.jwt_rules());
+        for w in &jwt_warnings {
+            tracing::warn!(workload = %wire.workload, warning = %w, "RequestAuthentication");
+        }
+        let wire_mesh = wire.mesh.clone();
         Ok(Self {
             version,
             workload: wire.workload.clone(),
@@ -191,6 +200,8 @@ impl ProxyConfig {
             policy,
             inbound,
             counters: crate::metrics::DecisionCounters::default(),
+            jwt,
+            ext_authz: crate::ext_authz::ExtAuthz::build(&wire_mesh),
             routes,
         })
     }

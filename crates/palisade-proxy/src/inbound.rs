@@ -258,6 +258,11 @@ async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -
     let Some(port) = cfg.inbound_port(info.port) else {
         return text_response(StatusCode::NOT_FOUND, "no such port\n");
     };
+    // CUSTOM (ext_authz) then JWT authentication; see `ext_authz::gate`.
+    let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &req).await {
+        Ok(g) => g,
+        Err(refused) => return refused,
+    };
     let outcome = {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let headers = Headers(req.headers());
@@ -274,7 +279,7 @@ async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -
                 host: host_of(&req),
                 headers: &headers,
             }),
-            jwt: None,
+            jwt: gate.claims(),
         };
         authorize(&cfg, &ctx, true, &shared.rbac_log)
     };
@@ -296,6 +301,7 @@ async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -
     if let Some(x) = &info.xfcc {
         headers.insert(XFCC, x.clone());
     }
+    gate.apply_upstream(&cfg, &mut req);
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(port.app_authority.clone());
@@ -309,6 +315,7 @@ async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -
     match shared.app_client.request(req).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
+            gate.apply_downstream(resp.headers_mut());
             resp.map(Either::Left)
         }
         Err(e) => {

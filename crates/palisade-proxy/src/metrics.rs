@@ -111,33 +111,36 @@ impl Metrics {
             }
         }
         for id in ids {
-            let get = |protocol, decision| {
-                self.decisions.get_or_create(&DecisionLabels {
+            // Each lookup in its own statement: a family's read guard lives until the end of
+            // the statement, and a second `get_or_create` in it would wait on itself.
+            let decision = |protocol, decision| {
+                let c = self.decisions.get_or_create(&DecisionLabels {
                     protocol,
                     decision,
                     policy: id.clone(),
-                })
-                .clone()
+                });
+                c.clone()
             };
+            let shadow = |result| {
+                let c = self.shadow.get_or_create(&ShadowLabels {
+                    policy: id.clone(),
+                    result,
+                });
+                c.clone()
+            };
+            let http_allowed = decision("http", "allowed");
+            let http_denied = decision("http", "denied");
+            let tcp_allowed = decision("tcp", "allowed");
+            let tcp_denied = decision("tcp", "denied");
+            let shadow_allowed = shadow("allowed");
+            let shadow_denied = shadow("denied");
             let set = RuleCounters {
-                http_allowed: get("http", "allowed"),
-                http_denied: get("http", "denied"),
-                tcp_allowed: get("tcp", "allowed"),
-                tcp_denied: get("tcp", "denied"),
-                shadow_allowed: self
-                    .shadow
-                    .get_or_create(&ShadowLabels {
-                        policy: id.clone(),
-                        result: "allowed",
-                    })
-                    .clone(),
-                shadow_denied: self
-                    .shadow
-                    .get_or_create(&ShadowLabels {
-                        policy: id.clone(),
-                        result: "denied",
-                    })
-                    .clone(),
+                http_allowed,
+                http_denied,
+                tcp_allowed,
+                tcp_denied,
+                shadow_allowed,
+                shadow_denied,
             };
             by_id.insert(id.into_boxed_str(), set);
         }

@@ -57,6 +57,9 @@ enum Command {
     Describe(cmd::describe::Command),
     /// Look for mistakes in a mesh directory; exits 1 when it warns.
     Analyze(cmd::analyze::Args),
+    /// Run the example external authorizer (Envoy ext_authz, gRPC and HTTP) with a Rego policy.
+    #[command(name = "ext-authz")]
+    ExtAuthz(cmd::ext_authz::Args),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             Command::Authz(c) => cmd::authz::run(c).await,
             Command::Describe(c) => cmd::describe::run(c).await,
             Command::Analyze(args) => cmd::analyze::run(args).await,
+            Command::ExtAuthz(args) => cmd::ext_authz::run(args).await,
         }
     });
     match result {

@@ -68,7 +68,7 @@ spec:
   selector: {matchLabels: {app: server}}
   action: DENY
   rules:
-  - to: [{operation: {paths: ["/api/secret"]}}]
+  - to: [{operation: {ports: ["8080"], paths: ["/api/secret"]}}]
 "#;
 
 /// A client certificate signed by a CA the mesh does not know, with a mesh-looking SPIFFE ID.

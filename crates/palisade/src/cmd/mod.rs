@@ -7,6 +7,7 @@ pub mod authz;
 pub mod cert;
 pub mod controlplane;
 pub mod describe;
+pub mod ext_authz;
 pub mod proxy;
 pub mod proxy_config;
 pub mod sidecar;

@@ -1,0 +1,170 @@
+//! The inbound HTTP steps before DENY/ALLOW: CUSTOM (ask the external authorizers a matching
+//! CUSTOM policy names), then JWT authentication. [`check`] either refuses the request with the
+//! answer the client gets, or returns a [`Gate`] whose claims feed the policy engine and whose
+//! header edits are applied to the request and response.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use palisade_policy::{HttpAttributes, RequestContext};
+use serde_json::Value;
+
+use super::{AllowEffects, CheckInput, Decision};
+use crate::config::ProxyConfig;
+use crate::inbound::{Body, ConnInfo, Headers, host_of};
+use crate::jwt;
+
+/// What passed: the validated token (if any) and the authorizers' header edits.
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub jwt: Option<Box<jwt::Verified>>,
+    pub effects: Option<AllowEffects>,
+}
+
+impl Gate {
+    /// The validated claims, for `RequestContext::jwt`.
+    pub fn claims(&self) -> Option<&Value> {
+        self.jwt.as_ref().map(|v| &v.claims)
+    }
+
+    /// Request edits before forwarding to the app: output headers only the proxy may set, the
+    /// JWT rule's outputs (and the token stripped unless forwarded), the authorizers' headers.
+    pub fn apply_upstream(&self, cfg: &ProxyConfig, req: &mut Request<Incoming>) {
+        if !cfg.jwt.is_empty() {
+            cfg.jwt.strip_output_headers(req.headers_mut());
+            if let Some(v) = &self.jwt {
+                let query = req.uri().query().map(str::to_owned);
+                if let Some(q) = cfg.jwt.apply(v, req.headers_mut(), query.as_deref()) {
+                    let path = req.uri().path();
+                    let pq = if q.is_empty() { path.to_owned() } else { format!("{path}?{q}") };
+                    let mut parts = req.uri().clone().into_parts();
+                    if let Ok(pq) = pq.parse() {
+                        parts.path_and_query = Some(pq);
+                        if let Ok(u) = http::Uri::from_parts(parts) {
+                            *req.uri_mut() = u;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = &self.effects {
+            e.apply_upstream(req.headers_mut());
+        }
+    }
+
+    /// Response edits (`headersToDownstreamOnAllow`, `response_headers_to_add`).
+    pub fn apply_downstream(&self, headers: &mut http::HeaderMap) {
+        if let Some(e) = &self.effects {
+            e.apply_downstream(headers);
+        }
+    }
+}
+
+fn response(status: StatusCode, headers: Vec<(http::HeaderName, http::HeaderValue)>, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(body)));
+    *resp.status_mut() = status;
+    for (k, v) in headers {
+        resp.headers_mut().append(k, v);
+    }
+    resp
+}
+
+/// CUSTOM, then JWT. `Err` is the answer to send instead of forwarding.
+pub async fn check(
+    shared: &crate::Shared,
+    cfg: &ProxyConfig,
+    info: &ConnInfo,
+    req: &Request<Incoming>,
+) -> Result<Gate, Response<Body>> {
+    let outcome = cfg.jwt.authenticate(req.headers(), req.uri().query());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let host = host_of(req);
+    let mut gate = Gate::default();
+    if !cfg.policy.providers().is_empty() {
+        let headers = Headers(req.headers());
+        let ctx = RequestContext {
+            port: info.port,
+            destination_ip: Some(info.local_ip),
+            source_ip: Some(info.source.ip()),
+            remote_ip: None,
+            peer_principal: info.principal.as_deref(),
+            sni: info.sni.as_deref(),
+            http: Some(HttpAttributes {
+                method: req.method().as_str(),
+                path,
+                host,
+                headers: &headers,
+            }),
+            jwt: None,
+        };
+        // A bad request (400) is answered by the authorization step that follows.
+        let names: Vec<String> = cfg
+            .policy
+            .evaluate(&ctx)
+            .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
+            .unwrap_or_default();
+        if !names.is_empty() {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let source_uri = info.principal.as_ref().map(|p| format!("spiffe://{p}"));
+            let own = shared.certs.tls().map(|s| s.own_id.to_string());
+            let input = CheckInput {
+                source: info.source,
+                destination: std::net::SocketAddr::new(info.local_ip, info.port),
+                source_principal: source_uri.as_deref(),
+                destination_principal: own.as_deref(),
+                method: req.method().as_str(),
+                path,
+                host,
+                scheme: "http",
+                protocol: if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+                headers: req.headers(),
+                sni: info.sni.as_deref(),
+                body: None,
+                body_truncated: false,
+            };
+            match cfg.ext_authz.check(&refs, &input).await {
+                Decision::Allow(e) => gate.effects = Some(e),
+                Decision::Deny(d) => {
+                    tracing::info!(
+                        target: "palisade::rbac",
+                        workload = %cfg.workload,
+                        port = info.port,
+                        principal = info.principal.as_deref().unwrap_or("-"),
+                        method = %req.method(),
+                        path,
+                        provider = %d.provider,
+                        status = d.status.as_u16(),
+                        reason = %d.reason,
+                        "enforced denied by CUSTOM provider {}",
+                        d.provider
+                    );
+                    return Err(response(d.status, d.headers, d.body));
+                }
+            }
+        }
+    }
+    match outcome {
+        jwt::Outcome::NoToken => {}
+        jwt::Outcome::Valid(v) => gate.jwt = Some(v),
+        jwt::Outcome::Invalid(f) => {
+            let (status, www, body) = jwt::deny_parts(f, host, path);
+            tracing::info!(
+                target: "palisade::rbac",
+                workload = %cfg.workload,
+                port = info.port,
+                principal = info.principal.as_deref().unwrap_or("-"),
+                method = %req.method(),
+                path,
+                status = status.as_u16(),
+                "JWT authentication failed: {body}"
+            );
+            let headers = www
+                .map(|v| (http::header::WWW_AUTHENTICATE, v))
+                .into_iter()
+                .collect();
+            return Err(response(status, headers, Bytes::from(body)));
+        }
+    }
+    Ok(gate)
+}
