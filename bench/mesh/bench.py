@@ -555,8 +555,10 @@ def start_palisade_pair(ctx: Ctx) -> Target:
             "--app-port", f"{PAL_PORT}={ctx.nginx_port}", "--ready-file", str(ready_file),
         ], env={"PALISADE_LOG": "warn"})
         procs[role] = p
+        # The ready file appears once the proxy has its certificate and its first config from
+        # the control plane (inbound listeners open).
         ready[role] = wait_until(
-            f"palisade sidecar ({role})", 60,
+            f"palisade sidecar ({role}): no ready file (certificate + first ADS config)", 30,
             lambda: json.loads(ready_file.read_text()) if ready_file.exists() and ready_file.stat().st_size else None,
             p, lambda r=role: ctx.procs.log(f"palisade-{r}"),
         )
@@ -861,7 +863,7 @@ def main() -> int:
         rate=args.rate,
         repeats=args.repeats or (1 if args.quick else 3),
         min_idle=args.min_idle,
-        quiet_timeout=args.quiet_timeout if args.quiet_timeout is not None else (10 if args.quick else 60),
+        quiet_timeout=args.quiet_timeout if args.quiet_timeout is not None else (10 if args.quick else 15),
     )
     args.work.mkdir(parents=True, exist_ok=True)
     procs = Procs(args.work)

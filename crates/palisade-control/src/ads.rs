@@ -131,9 +131,16 @@ async fn accept_loop(
                         remote_addr: Some(remote),
                         identity,
                     };
-                    let _ = tx.send(Ok(TlsConn { inner: stream, info })).await;
+                    let _ = tx
+                        .send(Ok(TlsConn {
+                            inner: stream,
+                            info,
+                        }))
+                        .await;
                 }
-                Ok(Err(e)) => tracing::info!(peer = %remote, error = %e, "ADS TLS handshake failed"),
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %remote, error = %e, "ADS TLS handshake failed")
+                }
                 Err(_) => tracing::info!(peer = %remote, "ADS TLS handshake timed out"),
             }
         });
@@ -152,7 +159,9 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let Some(id) = peer.as_ref().and_then(|p| p.identity.clone()) else {
-            return Err(Status::unauthenticated("a mesh client certificate is required"));
+            return Err(Status::unauthenticated(
+                "a mesh client certificate is required",
+            ));
         };
         let mut requests = request.into_inner();
         let allowed = self.allowed_names(&id);
@@ -173,7 +182,8 @@ impl AggregatedDiscoveryService for AdsServer {
             workloads = ?first.resource_names,
             "ADS stream opened"
         );
-        let options = StreamOptions::new().serve(WORKLOAD_CONFIG_TYPE_URL, NamePolicy::Known(allowed));
+        let options =
+            StreamOptions::new().serve(WORKLOAD_CONFIG_TYPE_URL, NamePolicy::Known(allowed));
         let stream = tokio_stream::once(Ok(first)).chain(requests);
         Ok(Response::new(palisade_xds::serve_stream(
             stream,

@@ -1,7 +1,7 @@
 //! Per-workload config: what one proxy gets from a validated mesh snapshot.
 
-use palisade_policy::api::{MtlsMode, WorkloadEntry};
 use palisade_policy::MeshSnapshot;
+use palisade_policy::api::{MtlsMode, WorkloadEntry};
 use palisade_xds::Change;
 
 use crate::wire::{Destination, Service, ServicePort, WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
@@ -60,7 +60,9 @@ fn destinations(snapshot: &MeshSnapshot) -> Vec<Destination> {
             let mut plaintext_ports = Vec::new();
             if let Some(resolved) = snapshot.resolve_workload(&key) {
                 for &port in we.spec.ports.values() {
-                    let Ok(port) = u16::try_from(port) else { continue };
+                    let Ok(port) = u16::try_from(port) else {
+                        continue;
+                    };
                     if resolved.mtls.for_port(port).mode == MtlsMode::Disable {
                         plaintext_ports.push(port);
                     }
@@ -135,7 +137,7 @@ pub fn workload_resources(
             changes.push(Change::Set {
                 type_url: WORKLOAD_CONFIG_TYPE_URL.to_owned(),
                 name: key.clone(),
-                body: cfg.to_any()?,
+                body: crate::wire::to_any(&cfg)?,
             });
         }
     }
@@ -209,9 +211,23 @@ spec:
         let s = snapshot();
         let cfg = workload_config(&s, "shop/web").unwrap();
         assert_eq!(cfg.workload_entry.spec.address, "127.0.10.1");
-        let ap: Vec<_> = cfg.authorization_policies.iter().map(|p| p.metadata.name.as_str()).collect();
-        assert_eq!(ap, ["shop-allow"], "policies of other namespaces are not sent");
-        let by_key = |k: &str| cfg.destinations.iter().find(|d| d.key == k).unwrap().clone();
+        let ap: Vec<_> = cfg
+            .authorization_policies
+            .iter()
+            .map(|p| p.metadata.name.as_str())
+            .collect();
+        assert_eq!(
+            ap,
+            ["shop-allow"],
+            "policies of other namespaces are not sent"
+        );
+        let by_key = |k: &str| {
+            cfg.destinations
+                .iter()
+                .find(|d| d.key == k)
+                .unwrap()
+                .clone()
+        };
         assert!(!by_key("data/db").sidecar);
         assert!(by_key("shop/web").sidecar);
         assert_eq!(by_key("shop/legacy").plaintext_ports, vec![9090]);
@@ -232,7 +248,7 @@ spec:
             match c {
                 Change::Set { name, body, .. } => {
                     sets += 1;
-                    let back = WorkloadConfig::from_any(body).unwrap();
+                    let back = crate::wire::from_any(body).unwrap();
                     assert_eq!(&back.workload, name);
                     assert_eq!(back, workload_config(&s, name).unwrap());
                 }

@@ -137,7 +137,10 @@ pub enum FetchError {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let entries = self.entries.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let entries = self
+            .entries
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for e in entries.values() {
             if let Some(t) = &e.task {
                 t.abort();
@@ -179,7 +182,11 @@ impl JwksResolver {
                 }
             }
         }
-        let mut entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         entries.retain(|s, e| {
             let keep = wanted.contains_key(s);
             if !keep && let Some(t) = &e.task {
@@ -198,7 +205,11 @@ impl JwksResolver {
 
     /// The document pushed for `source`: the last good keys, or an empty set that fails closed.
     pub fn document(&self, source: &Source) -> String {
-        let entries = self.inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match entries.get(source) {
             Some(Entry { keys: Some(k), .. }) => k.clone(),
             other => {
@@ -229,7 +240,9 @@ impl JwksResolver {
 
     fn store(inner: &Inner, source: &Source, result: Result<String, String>) -> bool {
         let mut entries = inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(entry) = entries.get_mut(source) else { return false };
+        let Some(entry) = entries.get_mut(source) else {
+            return false;
+        };
         let changed = match result {
             Ok(doc) => {
                 let changed = entry.keys.as_deref() != Some(doc.as_str());
@@ -239,7 +252,8 @@ impl JwksResolver {
             }
             Err(e) => {
                 // Only a source without keys changes what is pushed (its error text).
-                let changed = entry.keys.is_none() && entry.last_error.as_deref() != Some(e.as_str());
+                let changed =
+                    entry.keys.is_none() && entry.last_error.as_deref() != Some(e.as_str());
                 entry.last_error = Some(e);
                 changed
             }
@@ -256,7 +270,9 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Du
     let mut retry: Option<Duration> = None;
     loop {
         let result = fetch_source(&source, timeout).await;
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let options = strong.options;
         let delay = match &result {
             Ok(_) => {
@@ -264,7 +280,9 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Du
                 options.refresh
             }
             Err(e) => {
-                let d = retry.map_or(options.retry_initial, |d| d.saturating_mul(2).min(options.retry_max));
+                let d = retry.map_or(options.retry_initial, |d| {
+                    d.saturating_mul(2).min(options.retry_max)
+                });
                 retry = Some(d);
                 tracing::warn!(source = %source, error = %e, retry_in = ?d, "JWKS fetch failed; keeping the last good keys");
                 d
@@ -287,9 +305,13 @@ pub async fn fetch_source(source: &Source, timeout: Duration) -> Result<String, 
         let uri = match source {
             Source::Uri(u) => u.clone(),
             Source::Issuer(iss) => {
-                let url = format!("{}/.well-known/openid-configuration", iss.trim_end_matches('/'));
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    iss.trim_end_matches('/')
+                );
                 let doc = get(&url).await?;
-                let v: Value = serde_json::from_str(&doc).map_err(|e| format!("discovery document: {e}"))?;
+                let v: Value =
+                    serde_json::from_str(&doc).map_err(|e| format!("discovery document: {e}"))?;
                 v.get("jwks_uri")
                     .and_then(Value::as_str)
                     .ok_or("discovery document has no jwks_uri")?
@@ -304,9 +326,14 @@ pub async fn fetch_source(source: &Source, timeout: Duration) -> Result<String, 
 }
 
 async fn get(uri: &str) -> Result<String, String> {
-    let body = palisade_ca::jwks::fetch(uri).await.map_err(|e| e.to_string())?;
+    let body = palisade_ca::jwks::fetch(uri)
+        .await
+        .map_err(|e| e.to_string())?;
     if body.len() > MAX_DOCUMENT_BYTES {
-        return Err(format!("{uri}: document is {} bytes, more than {MAX_DOCUMENT_BYTES}", body.len()));
+        return Err(format!(
+            "{uri}: document is {} bytes, more than {MAX_DOCUMENT_BYTES}",
+            body.len()
+        ));
     }
     Ok(body)
 }
@@ -338,11 +365,11 @@ pub fn workload_resources(
     let (mut changes, names) = crate::compute::workload_resources(snapshot, previous)?;
     for c in &mut changes {
         if let palisade_xds::Change::Set { body, .. } = c
-            && let Ok(mut cfg) = WorkloadConfig::from_any(body)
+            && let Ok(mut cfg) = crate::wire::from_any(body)
             && !cfg.request_authentications.is_empty()
         {
             resolver.inline(&mut cfg);
-            *body = cfg.to_any()?;
+            *body = crate::wire::to_any(&cfg)?;
         }
     }
     Ok((changes, names))
@@ -363,7 +390,9 @@ pub fn spawn_republisher(
                 Ok((c, _)) => {
                     cache.apply(c);
                 }
-                Err(e) => tracing::error!(error = %e, "cannot encode workload config with JWKS keys"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode workload config with JWKS keys")
+                }
             }
         }
     })

@@ -14,8 +14,6 @@ use palisade_xds::SnapshotCache;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::compute::workload_resources;
-
 /// How long the directory must stay quiet before a reload.
 const QUIET: Duration = Duration::from_millis(100);
 
@@ -48,6 +46,8 @@ pub struct ConfigWatcher {
     status: watch::Receiver<Arc<ConfigStatus>>,
     snapshot: watch::Receiver<Arc<MeshSnapshot>>,
     task: JoinHandle<()>,
+    /// Republishes when JWKS keys change (see [`crate::jwks`]).
+    jwks_task: Option<JoinHandle<()>>,
     _watcher: notify::RecommendedWatcher,
 }
 
@@ -63,16 +63,26 @@ struct State {
     names: Vec<String>,
     status: watch::Sender<Arc<ConfigStatus>>,
     snapshot: watch::Sender<Arc<MeshSnapshot>>,
+    jwks: Option<crate::jwks::JwksResolver>,
 }
 
 impl ConfigWatcher {
     /// Loads `dir` (it must be valid now), publishes it into `cache`, and reloads on change.
     pub fn start(dir: &Path, cache: Arc<SnapshotCache>) -> Result<Self, WatchError> {
+        Self::start_with_jwks(dir, cache, None)
+    }
+
+    /// [`Self::start`], with JWKS keys fetched by `jwks` inlined into the pushed configs.
+    pub fn start_with_jwks(
+        dir: &Path,
+        cache: Arc<SnapshotCache>,
+        jwks: Option<crate::jwks::JwksResolver>,
+    ) -> Result<Self, WatchError> {
         let first = palisade_policy::load_dir(dir).map_err(|errors| WatchError::Invalid {
             dir: dir.to_owned(),
             errors,
         })?;
-        let (changes, names) = workload_resources(&first, &[])?;
+        let (changes, names) = crate::jwks::workload_resources(&first, &[], jwks.as_ref())?;
         cache.apply(changes);
         let status = ConfigStatus {
             generation: 1,
@@ -87,37 +97,41 @@ impl ConfigWatcher {
         let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
 
         let (tx, rx) = mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            match event {
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
                 Ok(e) if e.kind.is_access() => {}
                 Ok(_) => {
                     let _ = tx.send(());
                 }
                 Err(e) => tracing::warn!(error = %e, "mesh directory watch error"),
-            }
-        })
-        .map_err(|cause| WatchError::Notify {
-            dir: dir.to_owned(),
-            cause,
-        })?;
+            })
+            .map_err(|cause| WatchError::Notify {
+                dir: dir.to_owned(),
+                cause,
+            })?;
         watcher
             .watch(dir, RecursiveMode::Recursive)
             .map_err(|cause| WatchError::Notify {
                 dir: dir.to_owned(),
                 cause,
             })?;
+        let jwks_task = jwks
+            .clone()
+            .map(|r| crate::jwks::spawn_republisher(r, cache.clone(), snap_rx.clone()));
         let state = State {
             dir: dir.to_owned(),
             cache,
             names,
             status: status_tx,
             snapshot: snap_tx,
+            jwks,
         };
         let task = tokio::spawn(state.run(rx));
         Ok(Self {
             status: status_rx,
             snapshot: snap_rx,
             task,
+            jwks_task,
             _watcher: watcher,
         })
     }
@@ -141,6 +155,9 @@ impl ConfigWatcher {
 impl Drop for ConfigWatcher {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.jwks_task {
+            t.abort();
+        }
     }
 }
 
@@ -162,29 +179,33 @@ impl State {
     fn reload(&mut self) {
         let current = self.status.borrow().clone();
         match palisade_policy::load_dir(&self.dir) {
-            Ok(snapshot) => match workload_resources(&snapshot, &self.names) {
-                Ok((changes, names)) => {
-                    let changed = self.cache.apply(changes);
-                    for w in &snapshot.warnings {
-                        tracing::warn!(warning = %w, "mesh config");
+            Ok(snapshot) => {
+                match crate::jwks::workload_resources(&snapshot, &self.names, self.jwks.as_ref()) {
+                    Ok((changes, names)) => {
+                        let changed = self.cache.apply(changes);
+                        for w in &snapshot.warnings {
+                            tracing::warn!(warning = %w, "mesh config");
+                        }
+                        tracing::info!(
+                            dir = %self.dir.display(),
+                            workloads = names.len(),
+                            pushed = changed,
+                            "mesh config reloaded"
+                        );
+                        self.names = names;
+                        self.status.send_replace(Arc::new(ConfigStatus {
+                            generation: current.generation + 1,
+                            workloads: self.names.len(),
+                            rejected: current.rejected,
+                            last_error: None,
+                        }));
+                        self.snapshot.send_replace(Arc::new(snapshot));
                     }
-                    tracing::info!(
-                        dir = %self.dir.display(),
-                        workloads = names.len(),
-                        pushed = changed,
-                        "mesh config reloaded"
-                    );
-                    self.names = names;
-                    self.status.send_replace(Arc::new(ConfigStatus {
-                        generation: current.generation + 1,
-                        workloads: self.names.len(),
-                        rejected: current.rejected,
-                        last_error: None,
-                    }));
-                    self.snapshot.send_replace(Arc::new(snapshot));
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode workload config; keeping the previous one")
+                    }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot encode workload config; keeping the previous one"),
-            },
+            }
             Err(errors) => {
                 tracing::error!(
                     dir = %self.dir.display(),
@@ -208,7 +229,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
+    use crate::wire::WORKLOAD_CONFIG_TYPE_URL;
 
     const WE: &str = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: web, namespace: shop}\nspec: {address: 127.0.10.1, ports: {http: 8080}}\n";
     const AP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {rules: [{to: [{operation: {methods: [GET]}}]}]}\n";
@@ -231,7 +252,10 @@ mod tests {
     fn policies(cache: &SnapshotCache) -> usize {
         let snap = cache.current();
         let body = &snap.get(WORKLOAD_CONFIG_TYPE_URL, "shop/web").unwrap().body;
-        WorkloadConfig::from_any(body).unwrap().authorization_policies.len()
+        crate::wire::from_any(body)
+            .unwrap()
+            .authorization_policies
+            .len()
     }
 
     #[tokio::test]
@@ -254,9 +278,15 @@ mod tests {
         let s = next_status(&mut status).await;
         assert_eq!((s.generation, s.rejected), (2, 1));
         let err = s.last_error.clone().unwrap();
-        assert!(err.contains("policy.yaml") && err.contains("methodz"), "{err}");
+        assert!(
+            err.contains("policy.yaml") && err.contains("methodz"),
+            "{err}"
+        );
         assert_eq!(policies(&cache), 1, "the previous policy stays");
-        assert_eq!(cache.current().type_version(WORKLOAD_CONFIG_TYPE_URL), version);
+        assert_eq!(
+            cache.current().type_version(WORKLOAD_CONFIG_TYPE_URL),
+            version
+        );
 
         std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
         let s = next_status(&mut status).await;

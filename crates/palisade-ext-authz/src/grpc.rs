@@ -2,14 +2,18 @@
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{Address, HeaderValue, HeaderValueOption, address, socket_address};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, HeaderValue, HeaderValueOption, address, socket_address,
+};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -65,11 +69,10 @@ pub fn input(req: &CheckRequest) -> Value {
         }),
         None => Value::Null,
     };
-    let time = a
-        .request
-        .as_ref()
-        .and_then(|r| r.time.as_ref())
-        .map_or(Value::Null, |t| json!({"seconds": t.seconds, "nanos": t.nanos}));
+    let time = a.request.as_ref().and_then(|r| r.time.as_ref()).map_or(
+        Value::Null,
+        |t| json!({"seconds": t.seconds, "nanos": t.nanos}),
+    );
     input_from_attributes(json!({
         "source": peer_json(a.source.as_ref()),
         "destination": peer_json(a.destination.as_ref()),
@@ -143,8 +146,12 @@ impl Authorization for Service {
             Ok(d) => {
                 tracing::info!(
                     allowed = d.allowed,
-                    method = input["attributes"]["request"]["http"]["method"].as_str().unwrap_or("-"),
-                    path = input["attributes"]["request"]["http"]["path"].as_str().unwrap_or("-"),
+                    method = input["attributes"]["request"]["http"]["method"]
+                        .as_str()
+                        .unwrap_or("-"),
+                    path = input["attributes"]["request"]["http"]["path"]
+                        .as_str()
+                        .unwrap_or("-"),
                     "gRPC check"
                 );
                 Ok(tonic::Response::new(response(&d)))
@@ -165,6 +172,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(Service { authz }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }

@@ -20,7 +20,12 @@ use crate::{RegoAuthorizer, input_from_attributes};
 const MAX_BODY: usize = 1024 * 1024;
 
 /// The HTTP check request as the Rego `input`, in the same shape as a gRPC check.
-pub fn input(parts: &http::request::Parts, body: &[u8], peer: SocketAddr, local: SocketAddr) -> Value {
+pub fn input(
+    parts: &http::request::Parts,
+    body: &[u8],
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Value {
     let mut headers = Map::new();
     for (k, v) in &parts.headers {
         let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
@@ -71,7 +76,10 @@ async fn check(
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "policy evaluation failed");
-            return plain(StatusCode::INTERNAL_SERVER_ERROR, "policy evaluation failed");
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "policy evaluation failed",
+            );
         }
     };
     tracing::info!(allowed = decision.allowed, method = %parts.method, path = %parts.uri, "HTTP check");
@@ -95,7 +103,10 @@ async fn check(
         Default::default()
     });
     for (k, v) in extra {
-        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             h.append(k, v);
         }
     }

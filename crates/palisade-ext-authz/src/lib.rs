@@ -112,7 +112,9 @@ impl RegoAuthorizer {
         else {
             return Ok(Decision::default());
         };
-        let json = out.to_json_str().map_err(|e| AuthzError::Eval(e.to_string()))?;
+        let json = out
+            .to_json_str()
+            .map_err(|e| AuthzError::Eval(e.to_string()))?;
         let v: Value = serde_json::from_str(&json).map_err(|e| AuthzError::Eval(e.to_string()))?;
         let shape = || AuthzError::Shape {
             rule: self.decision.clone(),
@@ -124,7 +126,10 @@ impl RegoAuthorizer {
                 ..Decision::default()
             }),
             Value::Object(o) => Ok(Decision {
-                allowed: o.get("allowed").and_then(Value::as_bool).ok_or_else(shape)?,
+                allowed: o
+                    .get("allowed")
+                    .and_then(Value::as_bool)
+                    .ok_or_else(shape)?,
                 http_status: o
                     .get("http_status")
                     .and_then(Value::as_u64)
@@ -137,7 +142,12 @@ impl RegoAuthorizer {
                 request_headers_to_remove: o
                     .get("request_headers_to_remove")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 response_headers_to_add: string_map(o.get("response_headers_to_add")),
             }),
@@ -228,18 +238,26 @@ allow := {"allowed": true, "headers": {"x-user": input.attributes.request.http.h
             assert_eq!((d.allowed, d.http_status), (allowed, status), "{m} {p}");
         }
         let d = a.decide(&input("GET", "/tea")).unwrap();
-        assert_eq!((d.body.as_str(), d.headers["x-why"].as_str()), ("teapot", "tea"));
+        assert_eq!(
+            (d.body.as_str(), d.headers["x-why"].as_str()),
+            ("teapot", "tea")
+        );
         let d = a.decide(&input("GET", "/user?ok=1")).unwrap();
         assert_eq!(d.headers["x-user"], "alice");
         // An undefined decision denies; a bad policy is a load error.
         let u = RegoAuthorizer::from_source("p.rego", POLICY, "data.envoy.authz.nothing").unwrap();
         assert!(!u.decide(&input("GET", "/public")).unwrap().allowed);
-        assert!(RegoAuthorizer::from_source("bad.rego", "package x\nallow if {", DEFAULT_DECISION).is_err());
+        assert!(
+            RegoAuthorizer::from_source("bad.rego", "package x\nallow if {", DEFAULT_DECISION)
+                .is_err()
+        );
     }
 
     #[test]
     fn parsed_fields() {
-        let i = input_from_attributes(json!({"request": {"http": {"path": "/a/b?x=1&x=2&y", "body": "{\"k\": 1}"}}}));
+        let i = input_from_attributes(
+            json!({"request": {"http": {"path": "/a/b?x=1&x=2&y", "body": "{\"k\": 1}"}}}),
+        );
         assert_eq!(i["parsed_path"], json!(["a", "b"]));
         assert_eq!(i["parsed_query"], json!({"x": ["1", "2"], "y": [""]}));
         assert_eq!(i["parsed_body"], json!({"k": 1}));

@@ -26,6 +26,7 @@ pub mod request;
 pub mod resolve;
 pub mod snapshot;
 pub mod validate;
+pub mod workload_config;
 
 pub use api::{AuthzAction, Kind, MtlsMode, Resource};
 pub use compile::{CompileError, CompiledPolicy, PolicyInfo};

@@ -44,8 +44,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -55,18 +57,34 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &shared.registry) {
                 Ok(()) => respond(StatusCode::OK, "text/plain; version=0.0.4", out),
-                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
             }
         }
         "/ready" => {
             if shared.ready.load(Ordering::SeqCst) {
                 respond(StatusCode::OK, "text/plain", "LIVE\n".into())
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into())
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "PRE_INITIALIZING\n".into(),
+                )
             }
         }
-        "/config_dump" => respond(StatusCode::OK, "application/json", config_dump(shared).to_string()),
-        "/certs" => respond(StatusCode::OK, "application/json", certs(shared).to_string()),
+        "/config_dump" => respond(
+            StatusCode::OK,
+            "application/json",
+            config_dump(shared).to_string(),
+        ),
+        "/certs" => respond(
+            StatusCode::OK,
+            "application/json",
+            certs(shared).to_string(),
+        ),
         "/logging" => logging(shared, req.uri().query().unwrap_or("")),
         _ => respond(
             StatusCode::NOT_FOUND,
@@ -92,7 +110,11 @@ fn logging(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
         }
     }
     tracing::info!(rbac = shared.rbac_log.name(), "log levels changed");
-    respond(StatusCode::OK, "text/plain", format!("active loggers:\n  rbac: {}\n", shared.rbac_log.name()))
+    respond(
+        StatusCode::OK,
+        "text/plain",
+        format!("active loggers:\n  rbac: {}\n", shared.rbac_log.name()),
+    )
 }
 
 fn config_dump(shared: &Shared) -> serde_json::Value {

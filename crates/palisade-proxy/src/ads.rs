@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::ProxyConfig;
-use crate::wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
 use crate::{CONTROL_PLANE_PATH, Shared};
+use palisade_policy::workload_config::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
 
 /// Runs forever: connect, stream, apply; on failure wait and reconnect.
 pub async fn run(shared: Arc<Shared>) {
@@ -29,8 +29,12 @@ pub async fn run(shared: Arc<Shared>) {
             continue;
         }
         match run_once(&shared, &mut backoff).await {
-            Ok(()) => tracing::info!(control_plane = %shared.options.control_plane, "ADS stream closed; reconnecting"),
-            Err(e) => tracing::warn!(control_plane = %shared.options.control_plane, error = %e, "ADS stream failed; retrying"),
+            Ok(()) => {
+                tracing::info!(control_plane = %shared.options.control_plane, "ADS stream closed; reconnecting")
+            }
+            Err(e) => {
+                tracing::warn!(control_plane = %shared.options.control_plane, error = %e, "ADS stream failed; retrying")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -57,9 +61,12 @@ async fn run_once(shared: &Arc<Shared>, backoff: &mut Duration) -> Result<(), St
         cluster: shared.options.workload.clone(),
         ..Default::default()
     };
-    let mut sub = ClientTypeState::new(WORKLOAD_CONFIG_TYPE_URL, [shared.options.workload.clone()]).with_node(node);
+    let mut sub = ClientTypeState::new(WORKLOAD_CONFIG_TYPE_URL, [shared.options.workload.clone()])
+        .with_node(node);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(sub.initial_request()).await.map_err(|e| e.to_string())?;
+    tx.send(sub.initial_request())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut responses = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
@@ -86,13 +93,22 @@ async fn run_once(shared: &Arc<Shared>, backoff: &mut Duration) -> Result<(), St
 fn apply(shared: &Shared, resp: &DiscoveryResponse) -> Result<(), String> {
     let want = &shared.options.workload;
     let Some(any) = resp.resources.iter().find(|_| true) else {
-        return Err(format!("workload {want} is not in the mesh (empty response)"));
+        return Err(format!(
+            "workload {want} is not in the mesh (empty response)"
+        ));
     };
     if any.type_url != WORKLOAD_CONFIG_TYPE_URL {
         return Err(format!("unexpected resource type {:?}", any.type_url));
     }
-    let wire: WorkloadConfig = serde_json::from_slice(&any.value).map_err(|e| format!("bad WorkloadConfig: {e}"))?;
-    let cfg = ProxyConfig::build(resp.version_info.clone(), wire, want, &shared.options.app_ports).map_err(|e| e.to_string())?;
+    let wire =
+        WorkloadConfig::from_json(&any.value).map_err(|e| format!("bad WorkloadConfig: {e}"))?;
+    let cfg = ProxyConfig::build(
+        resp.version_info.clone(),
+        wire,
+        want,
+        &shared.options.app_ports,
+    )
+    .map_err(|e| e.to_string())?;
     shared.install(cfg);
     Ok(())
 }

@@ -30,7 +30,11 @@ impl RbacLog {
         self.0.load(Ordering::Relaxed)
     }
     pub fn name(&self) -> &'static str {
-        if self.get() >= RBAC_DEBUG { "debug" } else { "info" }
+        if self.get() >= RBAC_DEBUG {
+            "debug"
+        } else {
+            "info"
+        }
     }
 }
 
@@ -44,7 +48,12 @@ pub enum Outcome {
 }
 
 /// Decides `ctx` under `cfg`; `http` selects the counters.
-pub fn authorize(cfg: &ProxyConfig, ctx: &RequestContext<'_>, http: bool, log: &RbacLog) -> Outcome {
+pub fn authorize(
+    cfg: &ProxyConfig,
+    ctx: &RequestContext<'_>,
+    http: bool,
+    log: &RbacLog,
+) -> Outcome {
     let verdict = match cfg.policy.evaluate(ctx) {
         Ok(v) => v,
         Err(e) => {
@@ -73,7 +82,11 @@ pub fn authorize(cfg: &ProxyConfig, ctx: &RequestContext<'_>, http: bool, log: &
             "enforced allowed"
         );
     }
-    if allowed { Outcome::Allow } else { Outcome::Deny }
+    if allowed {
+        Outcome::Allow
+    } else {
+        Outcome::Deny
+    }
 }
 
 fn count(cfg: &ProxyConfig, v: &Verdict<'_>, allowed: bool, http: bool) {
@@ -88,7 +101,12 @@ fn count(cfg: &ProxyConfig, v: &Verdict<'_>, allowed: bool, http: bool) {
     }
     for d in &v.dry_run {
         if let Some(c) = cfg.counters.get(Some(d.rule.unwrap_or(d.policy))) {
-            if d.would_allow { &c.shadow_allowed } else { &c.shadow_denied }.inc();
+            if d.would_allow {
+                &c.shadow_allowed
+            } else {
+                &c.shadow_denied
+            }
+            .inc();
         }
         tracing::debug!(target: "palisade::rbac", policy = d.policy, rule = d.rule.unwrap_or("none"), would_allow = d.would_allow, "shadow result");
     }
@@ -101,7 +119,10 @@ fn log_deny(cfg: &ProxyConfig, ctx: &RequestContext<'_>, v: &Verdict<'_>) {
         Err(e) => e.to_string(),
     };
     let reason = if v.allowed && !v.custom.is_empty() {
-        format!("CUSTOM provider(s) {:?} cannot be asked on a TCP connection", v.custom)
+        format!(
+            "CUSTOM provider(s) {:?} cannot be asked on a TCP connection",
+            v.custom
+        )
     } else {
         reason
     };

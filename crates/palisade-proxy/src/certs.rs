@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use arc_swap::ArcSwapOption;
 use palisade_identity::{
-    CertSource, CertificateDer, ClientAuth, ServerIdentity, SpiffeId, Svid, SvidResolver, TrustBundle, TrustDomain,
+    CertSource, CertificateDer, ClientAuth, ServerIdentity, SpiffeId, Svid, SvidResolver,
+    TrustBundle, TrustDomain,
 };
 use rustls::{ClientConfig, ServerConfig};
 
@@ -115,7 +116,9 @@ impl Certs {
 
     /// Installs a new certificate (and roots): handshakes from now on use it.
     pub fn update(&self, material: CertMaterial) -> Result<(), CertError> {
-        let resolver = self.resolver.get_or_init(|| SvidResolver::new(&material.svid));
+        let resolver = self
+            .resolver
+            .get_or_init(|| SvidResolver::new(&material.svid));
         resolver.update(&material.svid);
         let material = Arc::new(material);
         self.current.store(Some(Arc::clone(&material)));
@@ -142,10 +145,18 @@ impl Certs {
             return Ok(());
         };
         let own_id = material.svid.spiffe_id().clone();
-        let aliases = self.aliases.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let bundle = TrustBundle::new(own_id.trust_domain().clone(), material.roots.clone())?.with_aliases(aliases);
-        let mut server =
-            palisade_identity::server_config(CertSource::Rotating(Arc::clone(resolver)), &bundle, ClientAuth::Required)?;
+        let aliases = self
+            .aliases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let bundle = TrustBundle::new(own_id.trust_domain().clone(), material.roots.clone())?
+            .with_aliases(aliases);
+        let mut server = palisade_identity::server_config(
+            CertSource::Rotating(Arc::clone(resolver)),
+            &bundle,
+            ClientAuth::Required,
+        )?;
         server.alpn_protocols = INBOUND_ALPN.iter().map(|p| p.to_vec()).collect();
         self.state.store(Some(Arc::new(TlsState {
             own_id,

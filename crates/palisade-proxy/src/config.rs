@@ -10,7 +10,7 @@ use palisade_identity::{SpiffeId, TrustDomain};
 use palisade_policy::api::Resource;
 use palisade_policy::{CompiledPolicy, MeshSnapshot};
 
-use crate::wire::WorkloadConfig;
+use palisade_policy::workload_config::WorkloadConfig;
 
 /// The annotation prefix that maps a workload port to the application's local port:
 /// `palisade.dev/app-port-<port>: "<app port>"`.
@@ -122,7 +122,12 @@ impl ProxyConfig {
                 + wire.authorization_policies.len(),
         );
         resources.push(Resource::WorkloadEntry(wire.workload_entry.clone()));
-        resources.extend(wire.peer_authentications.iter().cloned().map(Resource::PeerAuthentication));
+        resources.extend(
+            wire.peer_authentications
+                .iter()
+                .cloned()
+                .map(Resource::PeerAuthentication),
+        );
         resources.extend(
             wire.request_authentications
                 .iter()
@@ -146,7 +151,9 @@ impl ProxyConfig {
             .map_err(|_| ConfigError::Address(entry.spec.address.clone()))?;
         let mut inbound = Vec::new();
         for (name, &port) in &entry.spec.ports {
-            let Ok(port) = u16::try_from(port) else { continue };
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
             let key = format!("{APP_PORT_ANNOTATION_PREFIX}{port}");
             let app_port = match app_ports.get(&port) {
                 Some(&p) => p,
@@ -159,12 +166,13 @@ impl ProxyConfig {
                 },
             };
             let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), app_port);
-            let app_authority = http::uri::Authority::try_from(app.to_string().as_str()).map_err(|e| {
-                ConfigError::Annotation {
-                    key,
-                    reason: e.to_string(),
-                }
-            })?;
+            let app_authority =
+                http::uri::Authority::try_from(app.to_string().as_str()).map_err(|e| {
+                    ConfigError::Annotation {
+                        key,
+                        reason: e.to_string(),
+                    }
+                })?;
             inbound.push(InboundPort {
                 name: name.clone(),
                 port,
@@ -175,7 +183,9 @@ impl ProxyConfig {
         }
         inbound.sort_by_key(|p| p.port);
 
-        let td = |s: &str| TrustDomain::new(s).map_err(|e| ConfigError::TrustDomain(s.to_owned(), e.to_string()));
+        let td = |s: &str| {
+            TrustDomain::new(s).map_err(|e| ConfigError::TrustDomain(s.to_owned(), e.to_string()))
+        };
         let trust_domain = td(&wire.mesh.trust_domain)?;
         let trust_domain_aliases = wire
             .mesh
@@ -211,7 +221,9 @@ impl ProxyConfig {
         let by_port = match self.routes.get(host) {
             Some(r) => r,
             // Hosts are stored lowercase; only mixed-case requests pay for lowercasing.
-            None if host.bytes().any(|b| b.is_ascii_uppercase()) => self.routes.get(&host.to_ascii_lowercase())?,
+            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.routes.get(&host.to_ascii_lowercase())?
+            }
             None => return None,
         };
         by_port.get(&port)
@@ -234,7 +246,11 @@ impl ProxyConfig {
     }
 }
 
-fn upstream(d: &crate::wire::Destination, port: u16, td: &TrustDomain) -> Option<Upstream> {
+fn upstream(
+    d: &palisade_policy::workload_config::Destination,
+    port: u16,
+    td: &TrustDomain,
+) -> Option<Upstream> {
     let ip: IpAddr = d.address.parse().ok()?;
     let mtls = if d.sidecar && !d.plaintext_ports.contains(&port) {
         SpiffeId::for_service_account(td.clone(), &d.namespace, &d.service_account).ok()
@@ -250,22 +266,32 @@ fn upstream(d: &crate::wire::Destination, port: u16, td: &TrustDomain) -> Option
 
 fn build_routes(wire: &WorkloadConfig, td: &TrustDomain) -> HashMap<String, HashMap<u16, Route>> {
     let mut routes: HashMap<String, HashMap<u16, Route>> = HashMap::new();
-    let by_key: HashMap<&str, &crate::wire::Destination> =
-        wire.destinations.iter().map(|d| (d.key.as_str(), d)).collect();
+    let by_key: HashMap<&str, &palisade_policy::workload_config::Destination> = wire
+        .destinations
+        .iter()
+        .map(|d| (d.key.as_str(), d))
+        .collect();
     // Workload addresses: every declared port.
     for d in &wire.destinations {
         for &port in d.ports.values() {
-            let Ok(port) = u16::try_from(port) else { continue };
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
             if let Some(u) = upstream(d, port, td) {
-                routes.entry(d.address.to_ascii_lowercase()).or_default().insert(port, Route::new(vec![u]));
+                routes
+                    .entry(d.address.to_ascii_lowercase())
+                    .or_default()
+                    .insert(port, Route::new(vec![u]));
             }
         }
     }
     // ServiceEntry hosts: service port -> target port on each selected workload.
     for s in &wire.services {
         for p in &s.ports {
-            let (Ok(number), Ok(target)) = (u16::try_from(p.number), u16::try_from(p.target_port.unwrap_or(p.number)))
-            else {
+            let (Ok(number), Ok(target)) = (
+                u16::try_from(p.number),
+                u16::try_from(p.target_port.unwrap_or(p.number)),
+            ) else {
                 continue;
             };
             let endpoints: Vec<Upstream> = s

@@ -88,7 +88,9 @@ fn mode_name(m: MtlsMode) -> &'static str {
 }
 
 async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: u16) {
-    let Some(cfg) = shared.config.load_full() else { return };
+    let Some(cfg) = shared.config.load_full() else {
+        return;
+    };
     let mode = cfg.policy.mtls().for_port(port).mode;
     let local_ip = tcp.local_addr().map_or(cfg.address, |a| a.ip());
     drop(cfg);
@@ -105,7 +107,9 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         MtlsMode::Strict => {
             // Look at the first byte only to tell a plaintext client from a failed handshake.
             if !looks_like_tls(&tcp).await {
-                shared.metrics.handshake(mode_name(mode), "refused_plaintext");
+                shared
+                    .metrics
+                    .handshake(mode_name(mode), "refused_plaintext");
                 tracing::info!(port, %source, "STRICT port: plaintext connection refused");
                 return;
             }
@@ -118,7 +122,9 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         serve_stream(shared, Arc::new(plain_info()), tcp).await;
         return;
     }
-    let Some(state) = shared.certs.tls() else { return };
+    let Some(state) = shared.certs.tls() else {
+        return;
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&state.server));
     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
@@ -238,10 +244,14 @@ pub fn host_of<B>(req: &Request<B>) -> &str {
 }
 
 pub fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
     resp
 }
 
@@ -320,7 +330,10 @@ async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -
         }
         Err(e) => {
             tracing::info!(port = info.port, error = %e, "application unreachable");
-            text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+            text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+            )
         }
     }
 }
@@ -333,11 +346,15 @@ where
     shared.metrics.connection("inbound", "tcp");
     let mut generation = shared.config_gen.subscribe();
     generation.borrow_and_update();
-    let Some(cfg) = shared.config.load_full() else { return };
+    let Some(cfg) = shared.config.load_full() else {
+        return;
+    };
     if tcp_decision(shared, &cfg, &info) != Outcome::Allow {
         return;
     }
-    let Some(app) = cfg.inbound_port(info.port).map(|p| p.app) else { return };
+    let Some(app) = cfg.inbound_port(info.port).map(|p| p.app) else {
+        return;
+    };
     drop(cfg);
     let mut upstream = match TcpStream::connect(app).await {
         Ok(s) => s,

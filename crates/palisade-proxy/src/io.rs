@@ -15,7 +15,10 @@ use tokio_rustls::client::TlsStream;
 #[derive(Debug)]
 pub enum MeshConn {
     Plain(TokioIo<TcpStream>),
-    Tls { io: TokioIo<TlsStream<TcpStream>>, h2: bool },
+    Tls {
+        io: TokioIo<TlsStream<TcpStream>>,
+        h2: bool,
+    },
 }
 
 impl Connection for MeshConn {
@@ -42,7 +45,11 @@ impl hyper::rt::Read for MeshConn {
 }
 
 impl hyper::rt::Write for MeshConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             MeshConn::Plain(io) => Pin::new(io).poll_write(cx, buf),
             MeshConn::Tls { io, .. } => Pin::new(io).poll_write(cx, buf),

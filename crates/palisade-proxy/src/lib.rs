@@ -33,7 +33,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod sds;
 pub mod sniff;
-pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -48,7 +47,7 @@ use tokio::task::JoinHandle;
 
 pub use certs::{CertMaterial, Certs};
 pub use config::{ConfigError, ProxyConfig};
-pub use wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
+pub use palisade_policy::workload_config::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};
 
 /// The control plane's SPIFFE path (any trust domain of the bundle): the ADS server must
 /// present it.
@@ -83,7 +82,10 @@ pub struct ProxyOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {cause}")]
-    Bind { addr: SocketAddr, cause: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
     #[error("workload {0:?} must be namespace/name")]
     Workload(String),
 }
@@ -107,7 +109,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("workload", &self.options.workload).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("workload", &self.options.workload)
+            .finish_non_exhaustive()
     }
 }
 
@@ -142,7 +146,9 @@ pub struct Proxy {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr).await.map_err(|cause| ProxyError::Bind { addr, cause })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|cause| ProxyError::Bind { addr, cause })
 }
 
 impl Proxy {
@@ -152,7 +158,11 @@ impl Proxy {
         options: ProxyOptions,
         certs: watch::Receiver<Option<Arc<CertMaterial>>>,
     ) -> Result<Self, ProxyError> {
-        if options.workload.split_once('/').is_none_or(|(a, b)| a.is_empty() || b.is_empty() || b.contains('/')) {
+        if options
+            .workload
+            .split_once('/')
+            .is_none_or(|(a, b)| a.is_empty() || b.is_empty() || b.contains('/'))
+        {
             return Err(ProxyError::Workload(options.workload.clone()));
         }
         let admin_listener = bind(options.admin).await?;
@@ -161,7 +171,10 @@ impl Proxy {
         for up in &options.tcp_upstreams {
             tcp_listeners.push((bind(up.listen).await?, up.clone()));
         }
-        let local = |l: &TcpListener, a: SocketAddr| l.local_addr().map_err(|cause| ProxyError::Bind { addr: a, cause });
+        let local = |l: &TcpListener, a: SocketAddr| {
+            l.local_addr()
+                .map_err(|cause| ProxyError::Bind { addr: a, cause })
+        };
         let admin_addr = local(&admin_listener, options.admin)?;
         let outbound_addr = local(&outbound_listener, options.outbound)?;
         let tcp_addrs = tcp_listeners
@@ -189,10 +202,20 @@ impl Proxy {
         });
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(admin::serve(Arc::clone(&shared), admin_listener)));
-        tasks.push(tokio::spawn(outbound::serve_http(Arc::clone(&shared), outbound_listener)));
+        tasks.push(tokio::spawn(admin::serve(
+            Arc::clone(&shared),
+            admin_listener,
+        )));
+        tasks.push(tokio::spawn(outbound::serve_http(
+            Arc::clone(&shared),
+            outbound_listener,
+        )));
         for (l, up) in tcp_listeners {
-            tasks.push(tokio::spawn(outbound::serve_tcp(Arc::clone(&shared), l, up)));
+            tasks.push(tokio::spawn(outbound::serve_tcp(
+                Arc::clone(&shared),
+                l,
+                up,
+            )));
         }
         tasks.push(tokio::spawn(watch_certs(Arc::clone(&shared), certs)));
         tasks.push(tokio::spawn(ads::run(Arc::clone(&shared))));
@@ -253,8 +276,12 @@ async fn watch_certs(shared: Arc<Shared>, mut certs: watch::Receiver<Option<Arc<
         if let Some(m) = current {
             let serial = m.svid.leaf_info().serial.clone();
             match shared.certs.update((*m).clone()) {
-                Ok(()) => tracing::info!(identity = %m.svid.spiffe_id(), %serial, "certificate installed"),
-                Err(e) => tracing::error!(error = %e, "cannot use the new certificate; keeping the previous one"),
+                Ok(()) => {
+                    tracing::info!(identity = %m.svid.spiffe_id(), %serial, "certificate installed")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the new certificate; keeping the previous one")
+                }
             }
         }
         if certs.changed().await.is_err() {
@@ -275,7 +302,8 @@ async fn reconcile_listeners(
     let mut running: HashMap<SocketAddr, (u16, JoinHandle<()>)> = HashMap::new();
     loop {
         if let Some(cfg) = shared.config.load_full() {
-            let wanted: HashMap<SocketAddr, u16> = cfg.inbound.iter().map(|p| (p.listen, p.port)).collect();
+            let wanted: HashMap<SocketAddr, u16> =
+                cfg.inbound.iter().map(|p| (p.listen, p.port)).collect();
             running.retain(|addr, (port, task)| {
                 let keep = wanted.get(addr) == Some(port);
                 if !keep {
@@ -291,13 +319,22 @@ async fn reconcile_listeners(
                 match TcpListener::bind(addr).await {
                     Ok(l) => {
                         tracing::info!(%addr, port, "inbound listener open");
-                        running.insert(addr, (port, tokio::spawn(inbound::serve(Arc::clone(&shared), l, port))));
+                        running.insert(
+                            addr,
+                            (
+                                port,
+                                tokio::spawn(inbound::serve(Arc::clone(&shared), l, port)),
+                            ),
+                        );
                     }
                     Err(e) => tracing::error!(%addr, error = %e, "cannot open inbound listener"),
                 }
             }
             {
-                let mut bound = shared.inbound_bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut bound = shared
+                    .inbound_bound
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 *bound = running.keys().copied().collect();
                 bound.sort();
             }
@@ -311,7 +348,8 @@ async fn reconcile_listeners(
                         "inbound": running.keys().map(ToString::to_string).collect::<Vec<_>>(),
                     });
                     let tmp = path.with_extension("tmp");
-                    let written = std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+                    let written = std::fs::write(&tmp, doc.to_string())
+                        .and_then(|()| std::fs::rename(&tmp, path));
                     if let Err(e) = written {
                         tracing::error!(path = %path.display(), error = %e, "cannot write the ready file");
                     }

@@ -86,7 +86,11 @@ impl Metrics {
             "Open TCP connections closed because a new policy denies them",
             self.tcp_closed_by_policy.clone(),
         );
-        registry.register("palisade_config_updates", "Configs accepted", self.config_updates.clone());
+        registry.register(
+            "palisade_config_updates",
+            "Configs accepted",
+            self.config_updates.clone(),
+        );
         registry.register(
             "palisade_config_rejected",
             "Configs rejected (NACKed); the previous one stays",
@@ -144,15 +148,24 @@ impl Metrics {
             };
             by_id.insert(id.into_boxed_str(), set);
         }
-        DecisionCounters { by_id: Arc::new(by_id) }
+        DecisionCounters {
+            by_id: Arc::new(by_id),
+        }
     }
 
     pub fn handshake(&self, mode: &'static str, outcome: &'static str) {
-        self.handshakes.get_or_create(&HandshakeLabels { mode, outcome }).inc();
+        self.handshakes
+            .get_or_create(&HandshakeLabels { mode, outcome })
+            .inc();
     }
 
     pub fn connection(&self, direction: &'static str, protocol: &'static str) {
-        self.connections.get_or_create(&ConnLabels { direction, protocol }).inc();
+        self.connections
+            .get_or_create(&ConnLabels {
+                direction,
+                protocol,
+            })
+            .inc();
     }
 }
 

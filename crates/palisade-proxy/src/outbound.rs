@@ -58,7 +58,12 @@ pub fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)
 pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io::Result<MeshConn> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(up.addr))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", up.addr)))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {} timed out", up.addr),
+            )
+        })??;
     let _ = tcp.set_nodelay(true);
     let Some(id) = &up.mtls else {
         shared.metrics.connection("outbound", "plaintext");
@@ -68,14 +73,21 @@ pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io
         .certs
         .tls()
         .ok_or_else(|| std::io::Error::other("no workload certificate yet"))?;
-    let cfg = if alpn_http { state.client_for(id) } else { state.client_for_tcp(id) }.map_err(std::io::Error::other)?;
+    let cfg = if alpn_http {
+        state.client_for(id)
+    } else {
+        state.client_for_tcp(id)
+    }
+    .map_err(std::io::Error::other)?;
     let name = ServerName::IpAddress(up.addr.ip().into());
     let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
         .inspect_err(|e| tracing::info!(upstream = %up.addr, expected = %id, error = %e, "outbound mTLS handshake failed"))?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    shared.metrics.connection("outbound", if h2 { "mtls_h2" } else { "mtls" });
+    shared
+        .metrics
+        .connection("outbound", if h2 { "mtls_h2" } else { "mtls" });
     Ok(MeshConn::Tls {
         io: TokioIo::new(tls),
         h2,
@@ -100,16 +112,30 @@ impl tower::Service<Uri> for MeshConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let shared = shared.upgrade().ok_or_else(|| std::io::Error::other("proxy stopped"))?;
+            let shared = shared
+                .upgrade()
+                .ok_or_else(|| std::io::Error::other("proxy stopped"))?;
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-            let (host, port) = split_host_port(authority, 80)
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad authority {authority:?}")))?;
-            let cfg = shared.config.load_full().ok_or_else(|| std::io::Error::other("no config yet"))?;
+            let (host, port) = split_host_port(authority, 80).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("bad authority {authority:?}"),
+                )
+            })?;
+            let cfg = shared
+                .config
+                .load_full()
+                .ok_or_else(|| std::io::Error::other("no config yet"))?;
             let up = cfg
                 .route(host, port)
                 .and_then(|r| r.pick())
                 .cloned()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no route to {authority}")))?;
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no route to {authority}"),
+                    )
+                })?;
             drop(cfg);
             connect(&shared, &up, true).await
         })
@@ -153,22 +179,27 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
         {
             Some(a) => a,
-            None => return text_response(StatusCode::BAD_REQUEST, "no destination: use an absolute URI or a Host header\n"),
+            None => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "no destination: use an absolute URI or a Host header\n",
+                );
+            }
         },
     };
     let routed = {
         let Some(cfg) = shared.config.load_full() else {
             return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
         };
-        split_host_port(authority.as_str(), 80).is_some_and(|(h, p)| cfg.route(h, p).is_some_and(|r| !r.endpoints.is_empty()))
+        split_host_port(authority.as_str(), 80)
+            .is_some_and(|(h, p)| cfg.route(h, p).is_some_and(|r| !r.endpoints.is_empty()))
     };
     if !routed {
         tracing::info!(destination = %authority, "outbound: no route");
         return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
     }
-    if !req.headers().contains_key(HOST)
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
+    // In proxy form the URI's authority wins over any Host header (RFC 9112 section 3.2.2).
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
         req.headers_mut().insert(HOST, v);
     }
     strip_hop_by_hop(req.headers_mut());
@@ -193,7 +224,10 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
         }
         Err(e) => {
             tracing::info!(error = %e, source = ?std::error::Error::source(&e), "outbound request failed");
-            text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers\n")
+            text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers\n",
+            )
         }
     }
 }
@@ -229,8 +263,12 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstre
                 }
             };
             let result = match conn {
-                MeshConn::Plain(io) => tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await,
-                MeshConn::Tls { io, .. } => tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await,
+                MeshConn::Plain(io) => {
+                    tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await
+                }
+                MeshConn::Tls { io, .. } => {
+                    tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "outbound TCP connection ended with an error");

@@ -19,7 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::certs::CertMaterial;
 
-pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Starts streaming secrets from `socket`; the channel holds the latest complete material.
 pub fn stream_certificates(socket: PathBuf) -> watch::Receiver<Option<Arc<CertMaterial>>> {
@@ -28,8 +29,12 @@ pub fn stream_certificates(socket: PathBuf) -> watch::Receiver<Option<Arc<CertMa
         let mut backoff = Duration::from_millis(200);
         loop {
             match run_once(&socket, &tx).await {
-                Ok(()) => tracing::info!(socket = %socket.display(), "SDS stream closed by the agent; reconnecting"),
-                Err(e) => tracing::warn!(socket = %socket.display(), error = %e, "SDS stream failed; retrying"),
+                Ok(()) => {
+                    tracing::info!(socket = %socket.display(), "SDS stream closed by the agent; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(socket = %socket.display(), error = %e, "SDS stream failed; retrying")
+                }
             }
             if tx.is_closed() {
                 return;
@@ -48,26 +53,41 @@ struct Held {
     roots: Option<Vec<u8>>,
 }
 
-async fn run_once(socket: &Path, tx: &watch::Sender<Option<Arc<CertMaterial>>>) -> Result<(), String> {
+async fn run_once(
+    socket: &Path,
+    tx: &watch::Sender<Option<Arc<CertMaterial>>>,
+) -> Result<(), String> {
     let path = socket.to_owned();
     let channel = tonic::transport::Endpoint::from_static("http://sds.local")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut client = SecretDiscoveryServiceClient::new(channel);
-    let mut state = ClientTypeState::new(SECRET_TYPE_URL, ["default".to_owned(), "ROOTCA".to_owned()]);
+    let mut state =
+        ClientTypeState::new(SECRET_TYPE_URL, ["default".to_owned(), "ROOTCA".to_owned()]);
     let (req_tx, req_rx) = mpsc::channel(4);
-    req_tx.send(state.initial_request()).await.map_err(|e| e.to_string())?;
+    req_tx
+        .send(state.initial_request())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut responses = client
         .stream_secrets(ReceiverStream::new(req_rx))
         .await
         .map_err(|e| format!("StreamSecrets: {e}"))?
         .into_inner();
     let mut held = Held::default();
-    while let Some(resp) = responses.message().await.map_err(|e| format!("StreamSecrets: {e}"))? {
+    while let Some(resp) = responses
+        .message()
+        .await
+        .map_err(|e| format!("StreamSecrets: {e}"))?
+    {
         let result = apply(&resp, &mut held, tx);
         if let Err(e) = &result {
             tracing::error!(error = %e, "SDS response rejected");
@@ -88,15 +108,22 @@ fn inline(ds: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> 
     }
 }
 
-fn apply(resp: &DiscoveryResponse, held: &mut Held, tx: &watch::Sender<Option<Arc<CertMaterial>>>) -> Result<(), String> {
+fn apply(
+    resp: &DiscoveryResponse,
+    held: &mut Held,
+    tx: &watch::Sender<Option<Arc<CertMaterial>>>,
+) -> Result<(), String> {
     for any in &resp.resources {
-        let secret = Secret::decode(any.value.as_slice()).map_err(|e| format!("bad Secret: {e}"))?;
+        let secret =
+            Secret::decode(any.value.as_slice()).map_err(|e| format!("bad Secret: {e}"))?;
         match (secret.name.as_str(), secret.r#type) {
             ("default", Some(secret::Type::TlsCertificate(c))) => {
                 held.chain = inline(&c.certificate_chain);
                 held.key = inline(&c.private_key);
             }
-            ("ROOTCA", Some(secret::Type::ValidationContext(v))) => held.roots = inline(&v.trusted_ca),
+            ("ROOTCA", Some(secret::Type::ValidationContext(v))) => {
+                held.roots = inline(&v.trusted_ca)
+            }
             (name, _) => return Err(format!("unexpected secret {name:?}")),
         }
     }

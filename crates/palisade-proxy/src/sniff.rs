@@ -44,14 +44,22 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     }
     for (i, &b) in buf.iter().enumerate().take(MAX_METHOD) {
         if b == b' ' {
-            return Some(if i >= 3 { Protocol::Http1 } else { Protocol::Tcp });
+            return Some(if i >= 3 {
+                Protocol::Http1
+            } else {
+                Protocol::Tcp
+            });
         }
         // Methods are uppercase tokens (GET, POST, M-SEARCH...).
         if !(b.is_ascii_uppercase() || b == b'-' || b == b'_') {
             return Some(Protocol::Tcp);
         }
     }
-    if buf.len() < MAX_METHOD { None } else { Some(Protocol::Tcp) }
+    if buf.len() < MAX_METHOD {
+        None
+    } else {
+        Some(Protocol::Tcp)
+    }
 }
 
 /// Reads until the protocol is known (or the client is silent / done): returns it and the
@@ -82,7 +90,11 @@ pub struct Rewind<S> {
 
 impl<S> Rewind<S> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Self { prefix, pos: 0, inner }
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
     }
 
     pub fn inner(&self) -> &S {
@@ -91,7 +103,11 @@ impl<S> Rewind<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if self.pos < self.prefix.len() {
             let rest = &self.prefix[self.pos..];
             let n = rest.len().min(buf.remaining());
@@ -108,7 +124,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -151,14 +171,21 @@ mod tests {
             (b"ABCDEFGHIJKLMNOPQRST", Some(Protocol::Tcp)),
         ];
         for (input, want) in table {
-            assert_eq!(classify(input), *want, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                classify(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[tokio::test]
     async fn detect_replays_what_it_read() {
         let (mut a, b) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"POST /x HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"POST /x HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
         let (p, mut s) = detect(b).await;
         assert_eq!(p, Protocol::Http1);
         drop(a);

@@ -60,6 +60,11 @@ enum Command {
     /// Run the example external authorizer (Envoy ext_authz, gRPC and HTTP) with a Rego policy.
     #[command(name = "ext-authz")]
     ExtAuthz(cmd::ext_authz::Args),
+    /// The demo application of `palisade up`: echoes requests and the caller identity, and calls
+    /// other services through its sidecar.
+    Echo(cmd::echo::Args),
+    /// Show every workload of a mesh run by `palisade up`: readiness, certificate, config sync.
+    Status(cmd::status::Args),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -112,6 +117,8 @@ fn main() -> ExitCode {
             Command::Describe(c) => cmd::describe::run(c).await,
             Command::Analyze(args) => cmd::analyze::run(args).await,
             Command::ExtAuthz(args) => cmd::ext_authz::run(args).await,
+            Command::Echo(args) => cmd::echo::run(args).await,
+            Command::Status(args) => cmd::status::run(args).await,
         }
     });
     match result {

@@ -85,7 +85,8 @@ fn foreign_cert() -> palisade_identity::Svid {
     )];
     let cert = leaf.signed_by(&key, &issuer).unwrap();
     let _ = ca_cert;
-    palisade_identity::Svid::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap()
+    palisade_identity::Svid::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +101,9 @@ async fn inbound_modes_and_authorization() {
         .flat_map(|p| ["--app-port".to_owned(), format!("{p}={}", app.port())])
         .chain(["--app-port".to_owned(), format!("9000={}", tcp_app.port())])
         .collect();
-    let sidecar = mesh.sidecar("demo/server", "demo", "server", &app_ports).await;
+    let sidecar = mesh
+        .sidecar("demo/server", "demo", "server", &app_ports)
+        .await;
 
     let bundle = mesh.bundle();
     let client = Transport::mtls(mesh.cert("demo", "client"), SERVER_ID, bundle.clone());
@@ -113,67 +116,237 @@ async fn inbound_modes_and_authorization() {
     let p8082 = format!("{addr}:8082");
 
     // (what, port, transport, method, path, expected status; None = no HTTP response at all)
-    let table: Vec<(&str, &str, &Transport, &str, &str, Option<u16>)> = vec![
-        ("principal + method + path allowed", &p8080, &client, "GET", "/api/items", Some(200)),
-        ("method not allowed", &p8080, &client, "POST", "/api/items", Some(403)),
-        ("path not allowed", &p8080, &client, "GET", "/admin", Some(403)),
-        ("explicit DENY wins over ALLOW", &p8080, &client, "GET", "/api/secret", Some(403)),
-        ("namespace allowed (any path, any method)", &p8080, &ops, "DELETE", "/anything", Some(200)),
-        ("other principal and namespace", &p8080, &intruder, "GET", "/api/items", Some(403)),
-        ("port: the principal's rule is for 8080 only", &p8081, &client, "GET", "/api/items", Some(403)),
-        ("STRICT refuses plaintext", &p8080, &plain, "GET", "/api/items", None),
-        ("STRICT refuses a foreign CA", &p8080, &foreign, "GET", "/api/items", None),
-        ("PERMISSIVE (port override) serves plaintext", &p8081, &plain, "GET", "/public/a", Some(200)),
-        ("PERMISSIVE serves mTLS", &p8081, &client, "GET", "/public/b", Some(200)),
-        ("PERMISSIVE plaintext still authorized", &p8081, &plain, "GET", "/private", Some(403)),
-        ("DISABLE serves plaintext", &p8082, &plain, "GET", "/public/c", Some(200)),
+    type Case<'a> = (&'a str, &'a str, &'a Transport, &'a str, &'a str, Option<u16>);
+    let table: Vec<Case> = vec![
+        (
+            "principal + method + path allowed",
+            &p8080,
+            &client,
+            "GET",
+            "/api/items",
+            Some(200),
+        ),
+        (
+            "method not allowed",
+            &p8080,
+            &client,
+            "POST",
+            "/api/items",
+            Some(403),
+        ),
+        (
+            "path not allowed",
+            &p8080,
+            &client,
+            "GET",
+            "/admin",
+            Some(403),
+        ),
+        (
+            "explicit DENY wins over ALLOW",
+            &p8080,
+            &client,
+            "GET",
+            "/api/secret",
+            Some(403),
+        ),
+        (
+            "namespace allowed (any path, any method)",
+            &p8080,
+            &ops,
+            "DELETE",
+            "/anything",
+            Some(200),
+        ),
+        (
+            "other principal and namespace",
+            &p8080,
+            &intruder,
+            "GET",
+            "/api/items",
+            Some(403),
+        ),
+        (
+            "port: the principal's rule is for 8080 only",
+            &p8081,
+            &client,
+            "GET",
+            "/api/items",
+            Some(403),
+        ),
+        (
+            "STRICT refuses plaintext",
+            &p8080,
+            &plain,
+            "GET",
+            "/api/items",
+            None,
+        ),
+        (
+            "STRICT refuses a foreign CA",
+            &p8080,
+            &foreign,
+            "GET",
+            "/api/items",
+            None,
+        ),
+        (
+            "PERMISSIVE (port override) serves plaintext",
+            &p8081,
+            &plain,
+            "GET",
+            "/public/a",
+            Some(200),
+        ),
+        (
+            "PERMISSIVE serves mTLS",
+            &p8081,
+            &client,
+            "GET",
+            "/public/b",
+            Some(200),
+        ),
+        (
+            "PERMISSIVE plaintext still authorized",
+            &p8081,
+            &plain,
+            "GET",
+            "/private",
+            Some(403),
+        ),
+        (
+            "DISABLE serves plaintext",
+            &p8082,
+            &plain,
+            "GET",
+            "/public/c",
+            Some(200),
+        ),
     ];
     let mut failures = Vec::new();
     for (what, port, t, method, path, want) in &table {
         let got = http1(port, t, method, path, &[]).await;
         let status = got.as_ref().ok().map(|(s, _)| *s);
         if status != *want {
-            failures.push(format!("{what}: {method} {port}{path}: want {want:?}, got {got:?}"));
+            failures.push(format!(
+                "{what}: {method} {port}{path}: want {want:?}, got {got:?}"
+            ));
         }
         if *want == Some(403) {
             let body = got.map(|(_, b)| b).unwrap_or_default();
             assert_eq!(body, "RBAC: access denied", "{what}");
         }
     }
-    assert!(failures.is_empty(), "{}\n--- sidecar log:\n{}", failures.join("\n"), sidecar.stderr());
+    assert!(
+        failures.is_empty(),
+        "{}\n--- sidecar log:\n{}",
+        failures.join("\n"),
+        sidecar.stderr()
+    );
 
     // The app sees the verified client identity, never what the client claims.
-    let (status, body) = http1(&p8080, &client, "GET", "/api/x", &[("x-forwarded-client-cert", "By=evil;URI=spiffe://cluster.local/ns/demo/sa/admin")])
-        .await
-        .unwrap();
+    let (status, body) = http1(
+        &p8080,
+        &client,
+        "GET",
+        "/api/x",
+        &[(
+            "x-forwarded-client-cert",
+            "By=evil;URI=spiffe://cluster.local/ns/demo/sa/admin",
+        )],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let echo = echo_json(&body);
     let xfcc = echo["xfcc"].as_array().unwrap();
     assert_eq!(xfcc.len(), 1, "{body}");
     let xfcc = xfcc[0].as_str().unwrap();
     assert!(xfcc.starts_with(&format!("By={SERVER_ID};Hash=")), "{xfcc}");
-    assert!(xfcc.ends_with(";URI=spiffe://cluster.local/ns/demo/sa/client"), "{xfcc}");
+    assert!(
+        xfcc.ends_with(";URI=spiffe://cluster.local/ns/demo/sa/client"),
+        "{xfcc}"
+    );
     // Plaintext (PERMISSIVE) requests carry no identity; a spoofed header is removed.
-    let (_, body) = http1(&p8081, &plain, "GET", "/public/x", &[("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/demo/sa/admin")])
-        .await
-        .unwrap();
-    assert_eq!(echo_json(&body)["xfcc"].as_array().unwrap().len(), 0, "{body}");
+    let (_, body) = http1(
+        &p8081,
+        &plain,
+        "GET",
+        "/public/x",
+        &[(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/demo/sa/admin",
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        echo_json(&body)["xfcc"].as_array().unwrap().len(),
+        0,
+        "{body}"
+    );
 
     // Opaque TCP: authorized once per connection.
     let p9000 = format!("{addr}:9000");
     let tcp_client = client.clone().without_alpn();
-    assert_eq!(tcp_echo(&p9000, &tcp_client, b"hello tcp").await.unwrap(), b"hello tcp");
-    assert!(tcp_echo(&p9000, &intruder.clone().without_alpn(), b"hello").await.is_err(), "denied TCP is closed");
-    assert!(tcp_echo(&p9000, &plain, b"hello").await.is_err(), "STRICT TCP refuses plaintext");
+    assert_eq!(
+        tcp_echo(&p9000, &tcp_client, b"hello tcp").await.unwrap(),
+        b"hello tcp"
+    );
+    assert!(
+        tcp_echo(&p9000, &intruder.clone().without_alpn(), b"hello")
+            .await
+            .is_err(),
+        "denied TCP is closed"
+    );
+    assert!(
+        tcp_echo(&p9000, &plain, b"hello").await.is_err(),
+        "STRICT TCP refuses plaintext"
+    );
 
     // Metrics and logs name the deciding policy.
     let deny_id = "ns[demo]-policy[server-deny]-rule[0]";
-    assert_eq!(sidecar.stat("palisade_rbac_decisions_total", &["decision=\"denied\"", deny_id]).await, 1.0);
-    assert!(sidecar.stat("palisade_rbac_decisions_total", &["protocol=\"tcp\"", "decision=\"denied\""]).await >= 1.0);
-    assert!(sidecar.stat("palisade_tls_handshakes_total", &["mode=\"STRICT\"", "outcome=\"refused_plaintext\""]).await >= 2.0);
-    assert!(sidecar.stat("palisade_tls_handshakes_total", &["mode=\"STRICT\"", "outcome=\"failed\""]).await >= 1.0);
+    assert_eq!(
+        sidecar
+            .stat(
+                "palisade_rbac_decisions_total",
+                &["decision=\"denied\"", deny_id]
+            )
+            .await,
+        1.0
+    );
+    assert!(
+        sidecar
+            .stat(
+                "palisade_rbac_decisions_total",
+                &["protocol=\"tcp\"", "decision=\"denied\""]
+            )
+            .await
+            >= 1.0
+    );
+    assert!(
+        sidecar
+            .stat(
+                "palisade_tls_handshakes_total",
+                &["mode=\"STRICT\"", "outcome=\"refused_plaintext\""]
+            )
+            .await
+            >= 2.0
+    );
+    assert!(
+        sidecar
+            .stat(
+                "palisade_tls_handshakes_total",
+                &["mode=\"STRICT\"", "outcome=\"failed\""]
+            )
+            .await
+            >= 1.0
+    );
     let log = sidecar.stderr();
-    assert!(log.contains("enforced denied, matched policy ns[demo]-policy[server-deny]-rule[0]"), "{log}");
+    assert!(
+        log.contains("enforced denied, matched policy ns[demo]-policy[server-deny]-rule[0]"),
+        "{log}"
+    );
 
     // Admin: config dump with the effective mode per port; certs; run-time log level.
     let (_, dump) = sidecar.admin_get("/config_dump").await;
@@ -184,15 +357,31 @@ async fn inbound_modes_and_authorization() {
         .iter()
         .map(|p| (p["port"].as_u64().unwrap(), p["mode"].as_str().unwrap()))
         .collect();
-    assert_eq!(modes, [(8080, "STRICT"), (8081, "PERMISSIVE"), (8082, "DISABLE"), (9000, "STRICT")]);
+    assert_eq!(
+        modes,
+        [
+            (8080, "STRICT"),
+            (8081, "PERMISSIVE"),
+            (8082, "DISABLE"),
+            (9000, "STRICT")
+        ]
+    );
     let (_, certs) = sidecar.admin_get("/certs").await;
     assert!(certs.contains(SERVER_ID), "{certs}");
-    assert_eq!(sidecar.admin_get("/ready").await, (200, "LIVE\n".to_owned()));
+    assert_eq!(
+        sidecar.admin_get("/ready").await,
+        (200, "LIVE\n".to_owned())
+    );
     let (status, _) = sidecar.admin_get("/logging?rbac=debug").await;
     assert_eq!(status, 200);
-    http1(&p8080, &client, "GET", "/api/debug-me", &[]).await.unwrap();
+    http1(&p8080, &client, "GET", "/api/debug-me", &[])
+        .await
+        .unwrap();
     let log = sidecar.stderr();
-    assert!(log.contains("enforced allowed") && log.contains("/api/debug-me"), "{log}");
+    assert!(
+        log.contains("enforced allowed") && log.contains("/api/debug-me"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +411,13 @@ spec:
     let client = Transport::mtls(mesh.cert("demo", "client"), SERVER_ID, mesh.bundle());
     let p8080 = format!("{addr}:8080");
     let p9000 = format!("{addr}:9000");
-    assert_eq!(http1(&p8080, &client, "GET", "/api/a", &[]).await.unwrap().0, 200);
+    assert_eq!(
+        http1(&p8080, &client, "GET", "/api/a", &[])
+            .await
+            .unwrap()
+            .0,
+        200
+    );
 
     // Traffic flows while the policy changes: every request gets a clean 200 or 403.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -243,7 +438,9 @@ spec:
         let (client, p8080) = (client.clone(), p8080.clone());
         tokio::spawn(async move { http1(&p8080, &client, "GET", "/slow", &[]).await })
     };
-    let mut tcp = mesh::connect(&p9000, &client.clone().without_alpn()).await.unwrap();
+    let mut tcp = mesh::connect(&p9000, &client.clone().without_alpn())
+        .await
+        .unwrap();
     {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         tcp.write_all(b"ping").await.unwrap();
@@ -265,7 +462,10 @@ spec:
         if status == 403 {
             break;
         }
-        assert!(edited.elapsed() < Duration::from_secs(1), "still {status} one second after the edit");
+        assert!(
+            edited.elapsed() < Duration::from_secs(1),
+            "still {status} one second after the edit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = edited.elapsed();
@@ -276,7 +476,10 @@ spec:
         use tokio::io::AsyncReadExt as _;
         let mut b = [0u8; 1];
         let r = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut b)).await;
-        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "TCP connection not closed: {r:?}");
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "TCP connection not closed: {r:?}"
+        );
     }
     // The slow request that was authorized before the change completes.
     let (status, body) = slow.await.unwrap().unwrap();
@@ -286,19 +489,375 @@ spec:
     let invalid = allow_api.replace("paths:", "pathz:");
     mesh.write_config("policy.yaml", &invalid);
     let reported = Instant::now();
-    agent_mesh::wait_for("the control plane to report the invalid edit", Duration::from_secs(5), async || {
-        let err = mesh.cp.stderr_text();
-        (err.contains("policy.yaml") && err.contains("pathz")).then_some(())
-    })
+    agent_mesh::wait_for(
+        "the control plane to report the invalid edit",
+        Duration::from_secs(5),
+        async || {
+            let err = mesh.cp.stderr_text();
+            (err.contains("policy.yaml") && err.contains("pathz")).then_some(())
+        },
+    )
     .await;
     eprintln!("invalid edit reported after {:?}", reported.elapsed());
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(http1(&p8080, &client, "GET", "/api/a", &[]).await.unwrap().0, 403, "previous policy still enforced");
+    assert_eq!(
+        http1(&p8080, &client, "GET", "/api/a", &[])
+            .await
+            .unwrap()
+            .0,
+        403,
+        "previous policy still enforced"
+    );
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = traffic.await.unwrap();
-    let errors: Vec<_> = seen.iter().filter(|r| !matches!(r, Ok(200) | Ok(403))).collect();
-    assert!(errors.is_empty(), "requests failed during reload: {errors:?}");
-    assert!(seen.iter().any(|r| r == &Ok(200)) && seen.iter().any(|r| r == &Ok(403)), "{seen:?}");
-    assert!(sidecar.stat("palisade_tcp_connections_closed_by_policy_total", &[]).await >= 1.0);
+    let errors: Vec<_> = seen
+        .iter()
+        .filter(|r| !matches!(r, Ok(200) | Ok(403)))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "requests failed during reload: {errors:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r == &Ok(200)) && seen.iter().any(|r| r == &Ok(403)),
+        "{seen:?}"
+    );
+    assert!(
+        sidecar
+            .stat("palisade_tcp_connections_closed_by_policy_total", &[])
+            .await
+            >= 1.0
+    );
+}
+
+/// `demo/web` (sidecar) calls `demo/api` (agent + proxy over SDS) through both sidecars.
+fn pair_files(web: &str, api: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: web, namespace: demo}}
+spec: {{address: {web}, serviceAccount: web, labels: {{app: web}}, ports: {{http: 8080}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: api, namespace: demo}}
+spec: {{address: {api}, serviceAccount: api, labels: {{app: api}}, ports: {{http: 8080, tcp: 9000}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: demo}}
+spec:
+  hosts: [api.demo]
+  ports: [{{number: 80, targetPort: 8080, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: api}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: demo}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/web]}}}}]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_pair_http1_http2_and_tcp() {
+    let (web_addr, api_addr) = ("127.0.13.1", "127.0.13.2");
+    let files = pair_files(web_addr, api_addr);
+    let mesh = Mesh::start(&[("mesh-objects.yaml", &files)]).await;
+    let api_app = Echo::start().await;
+    let api_tcp = TcpEcho::start().await;
+    let api = mesh
+        .agent_and_proxy(
+            "demo/api",
+            "demo",
+            "api",
+            &[
+                "--app-port".into(),
+                format!("8080={}", api_app.port()),
+                "--app-port".into(),
+                format!("9000={}", api_tcp.port()),
+            ],
+        )
+        .await;
+    let web = mesh
+        .sidecar(
+            "demo/web",
+            "demo",
+            "web",
+            &[
+                "--tcp-upstream".into(),
+                format!("127.0.0.1:0={api_addr}:9000"),
+            ],
+        )
+        .await;
+
+    // HTTP/1.1 from the app, proxy form, by ServiceEntry host.
+    let (status, body) = http1(
+        &web.outbound,
+        &Transport::Plain,
+        "GET",
+        "http://api.demo/hello",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}\n{}\n{}", web.stderr(), api.stderr());
+    let echo = echo_json(&body);
+    assert_eq!(echo["path"], "/hello");
+    assert_eq!(echo["host"], "api.demo");
+    let xfcc = echo["xfcc"][0].as_str().unwrap();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/demo/sa/api;Hash=")
+            && xfcc.ends_with(";URI=spiffe://cluster.local/ns/demo/sa/web"),
+        "{xfcc}"
+    );
+    // Host header routing to a workload address.
+    let (status, _) = http1(
+        &web.outbound,
+        &Transport::Plain,
+        "GET",
+        "/by-host",
+        &[("x-unused", "1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status, 502,
+        "the outbound listener's own address is not a destination"
+    );
+    let mut s = mesh::connect(&web.outbound, &Transport::Plain)
+        .await
+        .unwrap();
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let req =
+            format!("GET /by-host HTTP/1.1\r\nHost: {api_addr}:8080\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("/by-host"), "{out}");
+    }
+
+    // HTTP/2 from the app (prior knowledge), many concurrent requests: between the sidecars
+    // they share one multiplexed HTTP/2 connection.
+    // One upstream connection per destination authority so far (`api.demo`, `<ip>:8080`).
+    assert_eq!(
+        api.stat(
+            "palisade_connections_total",
+            &["direction=\"inbound\"", "protocol=\"http2\""]
+        )
+        .await,
+        2.0
+    );
+    let mut h2 = mesh::h2_client(&web.outbound).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut send = h2.clone();
+        tasks.push(tokio::spawn(async move {
+            mesh::h2_get(&mut send, &format!("http://api.demo/h2/{i}")).await
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            echo_json(&body)["xfcc"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("/sa/web")
+        );
+    }
+    let (status, _) = mesh::h2_get(&mut h2, "http://api.demo/last").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        api.stat(
+            "palisade_connections_total",
+            &["direction=\"inbound\"", "protocol=\"http2\""]
+        )
+        .await,
+        2.0,
+        "sidecar-to-sidecar HTTP/2 connections are pooled and multiplexed"
+    );
+    let allowed = api
+        .stat(
+            "palisade_rbac_decisions_total",
+            &[
+                "protocol=\"http\"",
+                "decision=\"allowed\"",
+                "ns[demo]-policy[api]-rule[0]",
+            ],
+        )
+        .await;
+    assert!(allowed >= 23.0, "{allowed}");
+
+    // Opaque TCP through the pair (declared upstream on the client side).
+    assert_eq!(
+        tcp_echo(&web.tcp[0], &Transport::Plain, b"tcp through two sidecars")
+            .await
+            .unwrap(),
+        b"tcp through two sidecars"
+    );
+    assert!(
+        api.stat(
+            "palisade_rbac_decisions_total",
+            &["protocol=\"tcp\"", "decision=\"allowed\""]
+        )
+        .await
+            >= 1.0
+    );
+
+    // A caller without the allowed identity is refused by the server sidecar.
+    let other = Transport::mtls(
+        mesh.cert("demo", "other"),
+        "spiffe://cluster.local/ns/demo/sa/api",
+        mesh.bundle(),
+    );
+    let (status, _) = http1(&format!("{api_addr}:8080"), &other, "GET", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+}
+
+/// Envoy 1.40 sidecars with certificates from Palisade agents over SDS, talking to Palisade
+/// sidecars both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_interop_both_ways() {
+    let envoy_server_port = agent_mesh::free_port();
+    let palisade_server_port = agent_mesh::free_port();
+    let files = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: pclient, namespace: demo}}
+spec: {{address: 127.0.14.1, serviceAccount: pclient, ports: {{http: 8080}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: eserver, namespace: demo}}
+spec: {{address: 127.0.0.1, serviceAccount: eserver, ports: {{http: {envoy_server_port}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: pserver, namespace: demo}}
+spec: {{address: 127.0.0.1, serviceAccount: pserver, labels: {{app: pserver}}, ports: {{http: {palisade_server_port}}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: pserver, namespace: demo}}
+spec: {{selector: {{matchLabels: {{app: pserver}}}}, mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: pserver, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: pserver}}}}
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/eclient]}}}}]
+"#
+    );
+    let mesh = Mesh::start(&[("objects.yaml", &files)]).await;
+    let backend = Echo::start().await;
+
+    // Palisade client sidecar -> Envoy server sidecar.
+    let eserver_agent = agent_mesh::AgentProc::start(
+        mesh.path(),
+        "eserver-agent",
+        &mesh.ca,
+        &mesh.root(),
+        &mesh.token("demo", "eserver"),
+        &[],
+    )
+    .await;
+    let eserver = envoy::Envoy::start(
+        mesh.path(),
+        "envoy-server",
+        &envoy::server_bootstrap(
+            &eserver_agent.sds,
+            envoy_server_port,
+            "spiffe://cluster.local/ns/demo/sa/pclient",
+            backend.port(),
+        ),
+    )
+    .await;
+    eserver.wait_live(Duration::from_secs(30)).await;
+    let pclient = mesh.sidecar("demo/pclient", "demo", "pclient", &[]).await;
+    let target = format!("http://127.0.0.1:{envoy_server_port}/from-palisade");
+    let (status, body) = http1(&pclient.outbound, &Transport::Plain, "GET", &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}\n{}", pclient.stderr());
+    let xfcc = echo_json(&body)["xfcc"][0].as_str().unwrap().to_owned();
+    assert!(
+        xfcc.contains("URI=spiffe://cluster.local/ns/demo/sa/pclient"),
+        "Envoy saw the Palisade client: {xfcc}"
+    );
+
+    // Envoy client sidecar -> Palisade server sidecar.
+    let pserver = mesh
+        .sidecar(
+            "demo/pserver",
+            "demo",
+            "pserver",
+            &[
+                "--app-port".into(),
+                format!("{palisade_server_port}={}", backend.port()),
+            ],
+        )
+        .await;
+    let eclient_agent = agent_mesh::AgentProc::start(
+        mesh.path(),
+        "eclient-agent",
+        &mesh.ca,
+        &mesh.root(),
+        &mesh.token("demo", "eclient"),
+        &[],
+    )
+    .await;
+    let eclient_port = agent_mesh::free_port();
+    let eclient = envoy::Envoy::start(
+        mesh.path(),
+        "envoy-client",
+        &envoy::client_bootstrap(
+            &eclient_agent.sds,
+            eclient_port,
+            "spiffe://cluster.local/ns/demo/sa/pserver",
+            palisade_server_port,
+        ),
+    )
+    .await;
+    eclient.wait_live(Duration::from_secs(30)).await;
+    let (status, body) = agent_mesh::http_get(&format!("127.0.0.1:{eclient_port}"), "/from-envoy")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}\n{}", pserver.stderr());
+    let echo = echo_json(&body);
+    assert_eq!(echo["path"], "/from-envoy");
+    let xfcc = echo["xfcc"][0].as_str().unwrap();
+    assert!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/demo/sa/pserver;")
+            && xfcc.ends_with("URI=spiffe://cluster.local/ns/demo/sa/eclient"),
+        "{xfcc}"
+    );
+    // The Palisade server enforces policy on Envoy's traffic: the Palisade client is not allowed.
+    let (status, _) = http1(
+        &pclient.outbound,
+        &Transport::Plain,
+        "GET",
+        &format!("http://127.0.0.1:{palisade_server_port}/x"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
 }

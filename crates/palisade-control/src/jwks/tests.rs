@@ -36,9 +36,10 @@ async fn server() -> Server {
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
                 let (status, body) = match m.load(Ordering::SeqCst) {
                     0 => ("500 Internal Server Error", String::new()),
-                    _ if req.starts_with("GET /.well-known/openid-configuration") => {
-                        ("200 OK", format!("{{\"jwks_uri\": \"http://{addr}/keys\"}}"))
-                    }
+                    _ if req.starts_with("GET /.well-known/openid-configuration") => (
+                        "200 OK",
+                        format!("{{\"jwks_uri\": \"http://{addr}/keys\"}}"),
+                    ),
                     1 => ("200 OK", JWKS.to_owned()),
                     _ => ("200 OK", JWKS.replace("k1", "k2")),
                 };
@@ -74,7 +75,10 @@ async fn wait_for(resolver: &JwksResolver, snap: &MeshSnapshot, want: &str) -> S
         if doc.contains(want) {
             return doc;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never saw {want:?}; last {doc}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {want:?}; last {doc}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -90,7 +94,10 @@ fn fast() -> JwksOptions {
 #[tokio::test]
 async fn down_at_start_then_up_then_down_keeps_last_good_keys() {
     let srv = server().await;
-    let snap = snapshot(&format!("{{issuer: iss, jwksUri: \"http://{}/keys\"}}", srv.addr));
+    let snap = snapshot(&format!(
+        "{{issuer: iss, jwksUri: \"http://{}/keys\"}}",
+        srv.addr
+    ));
     let resolver = JwksResolver::new(fast());
     let mut changes = resolver.changes();
     resolver.sync(&snap);
@@ -99,7 +106,10 @@ async fn down_at_start_then_up_then_down_keeps_last_good_keys() {
     let doc = wait_for(&resolver, &snap, "500").await;
     let v: Value = serde_json::from_str(&doc).unwrap();
     assert_eq!(v["keys"], serde_json::json!([]));
-    assert!(v[FETCH_ERROR_MEMBER].as_str().unwrap().contains("500"), "{doc}");
+    assert!(
+        v[FETCH_ERROR_MEMBER].as_str().unwrap().contains("500"),
+        "{doc}"
+    );
     let (_, uri) = pushed_jwks(&resolver, &snap);
     assert_eq!(uri, "", "jwksUri is cleared once keys are inline");
 
@@ -107,7 +117,10 @@ async fn down_at_start_then_up_then_down_keeps_last_good_keys() {
     srv.mode.store(1, Ordering::SeqCst);
     let doc = wait_for(&resolver, &snap, "\"k1\"").await;
     assert!(!doc.contains("oct"), "{doc}");
-    tokio::time::timeout(Duration::from_secs(1), changes.changed()).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(1), changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
 
     // Down again: the last good keys stay, across several failed refreshes.
     srv.mode.store(0, Ordering::SeqCst);
@@ -131,7 +144,10 @@ async fn oidc_discovery_and_unneeded_sources() {
     // Inline keys are never fetched or rewritten.
     let inline = snapshot(r#"{issuer: iss, jwks: "{\"keys\": []}"}"#);
     resolver.sync(&inline);
-    assert!(resolver.inner.entries.lock().unwrap().is_empty(), "the old source is dropped");
+    assert!(
+        resolver.inner.entries.lock().unwrap().is_empty(),
+        "the old source is dropped"
+    );
     assert_eq!(pushed_jwks(&resolver, &inline).0, "{\"keys\": []}");
 }
 
@@ -148,11 +164,19 @@ fn normalize_checks_documents() {
 #[tokio::test]
 async fn resources_carry_inline_keys() {
     let srv = server().await;
-    let snap = snapshot(&format!("{{issuer: iss, jwksUri: \"http://{}/keys\"}}", srv.addr));
+    let snap = snapshot(&format!(
+        "{{issuer: iss, jwksUri: \"http://{}/keys\"}}",
+        srv.addr
+    ));
     let resolver = JwksResolver::new(fast());
     let (changes, _) = workload_resources(&snap, &[], Some(&resolver)).unwrap();
-    let palisade_xds::Change::Set { body, .. } = &changes[0] else { panic!() };
-    let cfg = WorkloadConfig::from_any(body).unwrap();
+    let palisade_xds::Change::Set { body, .. } = &changes[0] else {
+        panic!()
+    };
+    let cfg = crate::wire::from_any(body).unwrap();
     let rule = &cfg.request_authentications[0].spec.jwt_rules[0];
-    assert!(rule.jwks_uri.is_empty() && rule.jwks.contains(FETCH_ERROR_MEMBER), "{rule:?}");
+    assert!(
+        rule.jwks_uri.is_empty() && rule.jwks.contains(FETCH_ERROR_MEMBER),
+        "{rule:?}"
+    );
 }

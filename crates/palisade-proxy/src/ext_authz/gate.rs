@@ -37,7 +37,11 @@ impl Gate {
                 let query = req.uri().query().map(str::to_owned);
                 if let Some(q) = cfg.jwt.apply(v, req.headers_mut(), query.as_deref()) {
                     let path = req.uri().path();
-                    let pq = if q.is_empty() { path.to_owned() } else { format!("{path}?{q}") };
+                    let pq = if q.is_empty() {
+                        path.to_owned()
+                    } else {
+                        format!("{path}?{q}")
+                    };
                     let mut parts = req.uri().clone().into_parts();
                     if let Ok(pq) = pq.parse() {
                         parts.path_and_query = Some(pq);
@@ -61,7 +65,11 @@ impl Gate {
     }
 }
 
-fn response(status: StatusCode, headers: Vec<(http::HeaderName, http::HeaderValue)>, body: Bytes) -> Response<Body> {
+fn response(
+    status: StatusCode,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    body: Bytes,
+) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(body)));
     *resp.status_mut() = status;
     for (k, v) in headers {
@@ -82,28 +90,30 @@ pub async fn check(
     let host = host_of(req);
     let mut gate = Gate::default();
     if !cfg.policy.providers().is_empty() {
-        let headers = Headers(req.headers());
-        let ctx = RequestContext {
-            port: info.port,
-            destination_ip: Some(info.local_ip),
-            source_ip: Some(info.source.ip()),
-            remote_ip: None,
-            peer_principal: info.principal.as_deref(),
-            sni: info.sni.as_deref(),
-            http: Some(HttpAttributes {
-                method: req.method().as_str(),
-                path,
-                host,
-                headers: &headers,
-            }),
-            jwt: None,
+        // The context borrows non-`Sync` lookups: it must not live across the await below.
+        let names: Vec<String> = {
+            let headers = Headers(req.headers());
+            let ctx = RequestContext {
+                port: info.port,
+                destination_ip: Some(info.local_ip),
+                source_ip: Some(info.source.ip()),
+                remote_ip: None,
+                peer_principal: info.principal.as_deref(),
+                sni: info.sni.as_deref(),
+                http: Some(HttpAttributes {
+                    method: req.method().as_str(),
+                    path,
+                    host,
+                    headers: &headers,
+                }),
+                jwt: None,
+            };
+            // A bad request (400) is answered by the authorization step that follows.
+            cfg.policy
+                .evaluate(&ctx)
+                .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
+                .unwrap_or_default()
         };
-        // A bad request (400) is answered by the authorization step that follows.
-        let names: Vec<String> = cfg
-            .policy
-            .evaluate(&ctx)
-            .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
-            .unwrap_or_default();
         if !names.is_empty() {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let source_uri = info.principal.as_ref().map(|p| format!("spiffe://{p}"));
@@ -117,7 +127,11 @@ pub async fn check(
                 path,
                 host,
                 scheme: "http",
-                protocol: if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+                protocol: if req.version() == http::Version::HTTP_2 {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                },
                 headers: req.headers(),
                 sni: info.sni.as_deref(),
                 body: None,

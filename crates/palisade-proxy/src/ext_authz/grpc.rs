@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use ::http::header::{HeaderName, HeaderValue};
 use ::http::StatusCode;
+use ::http::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, HeaderValueOption, SocketAddress, address, socket_address,
@@ -54,7 +54,10 @@ impl GrpcClient {
     }
 
     pub(crate) async fn check(&self, common: &Common, input: &CheckInput<'_>) -> Answer {
-        let channel = self.channel.get_or_init(|| self.endpoint.connect_lazy()).clone();
+        let channel = self
+            .channel
+            .get_or_init(|| self.endpoint.connect_lazy())
+            .clone();
         let mut client = AuthorizationClient::new(channel);
         let mut req = tonic::Request::new(check_request(common, input));
         req.set_timeout(common.timeout);
@@ -69,7 +72,9 @@ fn socket_address(a: std::net::SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: a.ip().to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(a.port()))),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
             ..SocketAddress::default()
         })),
     }
@@ -178,7 +183,11 @@ fn header_pairs(options: &[HeaderValueOption]) -> Vec<(HeaderName, HeaderValue)>
 /// denied response's status (403 when unset), headers and body; an error response is an error.
 pub(crate) fn map_response(resp: CheckResponse) -> Answer {
     let code = resp.status.as_ref().map_or(0, |s| s.code);
-    let message = resp.status.as_ref().map(|s| s.message.clone()).unwrap_or_default();
+    let message = resp
+        .status
+        .as_ref()
+        .map(|s| s.message.clone())
+        .unwrap_or_default();
     match (code, resp.http_response) {
         (_, Some(HttpResponse::ErrorResponse(e))) => Answer::Error(format!(
             "authorizer error response (status {})",
@@ -216,7 +225,10 @@ pub(crate) fn map_response(resp: CheckResponse) -> Answer {
                 status,
                 headers,
                 body,
-                reason: format!("denied by the authorizer (gRPC code {code}{}{message})", if message.is_empty() { "" } else { ": " }),
+                reason: format!(
+                    "denied by the authorizer (gRPC code {code}{}{message})",
+                    if message.is_empty() { "" } else { ": " }
+                ),
             }
         }
     }

@@ -55,15 +55,22 @@ impl HttpClient {
     pub fn new(p: &ExtAuthzHttpProvider) -> Result<Self, String> {
         let mut additional = Vec::new();
         for (k, v) in &p.include_additional_headers_in_check {
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("includeAdditionalHeadersInCheck {k:?}: {e}"))?;
-            let value = HeaderValue::from_str(v).map_err(|e| format!("includeAdditionalHeadersInCheck {k:?}: {e}"))?;
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("includeAdditionalHeadersInCheck {k:?}: {e}"))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|e| format!("includeAdditionalHeadersInCheck {k:?}: {e}"))?;
             additional.push((name, value));
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Ok(Self {
             authority: super::grpc::authority(&p.service, p.port),
-            path_prefix: p.path_prefix.clone().unwrap_or_default().trim_end_matches('/').to_owned(),
+            path_prefix: p
+                .path_prefix
+                .clone()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_owned(),
             include: patterns(&p.include_request_headers_in_check),
             additional,
             to_upstream: patterns(&p.headers_to_upstream_on_allow),
@@ -76,7 +83,10 @@ impl HttpClient {
     /// The check request for one request.
     pub fn check_request(&self, input: &CheckInput<'_>) -> Result<Request<Full<Bytes>>, String> {
         let method = Method::from_bytes(input.method.as_bytes()).map_err(|e| e.to_string())?;
-        let uri = format!("http://{}{}{}", self.authority, self.path_prefix, input.path);
+        let uri = format!(
+            "http://{}{}{}",
+            self.authority, self.path_prefix, input.path
+        );
         let body = Bytes::copy_from_slice(input.body.unwrap_or_default());
         let mut req = Request::builder()
             .method(method)
@@ -87,7 +97,10 @@ impl HttpClient {
         if let Ok(v) = HeaderValue::from_str(input.host) {
             h.insert(::http::header::HOST, v);
         }
-        h.insert(::http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(
+            ::http::header::CONTENT_LENGTH,
+            HeaderValue::from(body.len()),
+        );
         for (k, v) in input.headers {
             if copyable(k.as_str()) && any_match(&self.include, k.as_str()) {
                 h.append(k.clone(), v.clone());
@@ -97,7 +110,10 @@ impl HttpClient {
             h.insert(k.clone(), v.clone());
         }
         if input.body_truncated {
-            h.insert("x-envoy-auth-partial-body", HeaderValue::from_static("true"));
+            h.insert(
+                "x-envoy-auth-partial-body",
+                HeaderValue::from_static("true"),
+            );
         }
         Ok(req)
     }
@@ -120,11 +136,19 @@ impl HttpClient {
     }
 
     /// Maps the authorizer's answer.
-    pub(crate) fn map_response(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> Answer {
+    pub(crate) fn map_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Answer {
         let pick = |pats: &[NamePattern], all_when_empty: bool| -> Vec<(HeaderName, HeaderValue)> {
             headers
                 .iter()
-                .filter(|(k, _)| copyable(k.as_str()) && ((all_when_empty && pats.is_empty()) || any_match(pats, k.as_str())))
+                .filter(|(k, _)| {
+                    copyable(k.as_str())
+                        && ((all_when_empty && pats.is_empty()) || any_match(pats, k.as_str()))
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };

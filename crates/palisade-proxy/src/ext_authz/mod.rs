@@ -157,11 +157,22 @@ fn parse_status(s: Option<&str>) -> StatusCode {
 }
 
 fn common(p: &ExtensionProvider) -> Option<Common> {
-    let (timeout, fail_open, status_on_error, body) = match (&p.envoy_ext_authz_grpc, &p.envoy_ext_authz_http) {
-        (Some(g), _) => (&g.timeout, g.fail_open, &g.status_on_error, &g.include_request_body_in_check),
-        (None, Some(h)) => (&h.timeout, h.fail_open, &h.status_on_error, &h.include_request_body_in_check),
-        (None, None) => return None,
-    };
+    let (timeout, fail_open, status_on_error, body) =
+        match (&p.envoy_ext_authz_grpc, &p.envoy_ext_authz_http) {
+            (Some(g), _) => (
+                &g.timeout,
+                g.fail_open,
+                &g.status_on_error,
+                &g.include_request_body_in_check,
+            ),
+            (None, Some(h)) => (
+                &h.timeout,
+                h.fail_open,
+                &h.status_on_error,
+                &h.include_request_body_in_check,
+            ),
+            (None, None) => return None,
+        };
     Some(Common {
         name: p.name.clone(),
         timeout: timeout
@@ -183,8 +194,11 @@ impl ExtAuthz {
         for p in &mesh.extension_providers {
             let Some(common) = common(p) else { continue };
             let client = match (&p.envoy_ext_authz_grpc, &p.envoy_ext_authz_http) {
-                (Some(g), _) => grpc::GrpcClient::new(&g.service, g.port).map_or_else(Client::Broken, Client::Grpc),
-                (None, Some(h)) => http::HttpClient::new(h).map_or_else(Client::Broken, Client::Http),
+                (Some(g), _) => grpc::GrpcClient::new(&g.service, g.port)
+                    .map_or_else(Client::Broken, Client::Grpc),
+                (None, Some(h)) => {
+                    http::HttpClient::new(h).map_or_else(Client::Broken, Client::Http)
+                }
                 (None, None) => continue,
             };
             if let Client::Broken(e) = &client {
@@ -225,15 +239,22 @@ impl ExtAuthz {
             });
             let input = CheckInput {
                 body: body.filter(|_| p.common.max_request_bytes > 0),
-                body_truncated: input.body_truncated || input.body.is_some_and(|b| b.len() > p.common.max_request_bytes),
+                body_truncated: input.body_truncated
+                    || input
+                        .body
+                        .is_some_and(|b| b.len() > p.common.max_request_bytes),
                 ..*input
             };
             let answer = match &p.client {
                 Client::Broken(e) => Answer::Error(e.clone()),
-                client => match tokio::time::timeout(p.common.timeout, ask(client, &p.common, &input)).await {
-                    Ok(a) => a,
-                    Err(_) => Answer::Error(format!("timed out after {:?}", p.common.timeout)),
-                },
+                client => {
+                    match tokio::time::timeout(p.common.timeout, ask(client, &p.common, &input))
+                        .await
+                    {
+                        Ok(a) => a,
+                        Err(_) => Answer::Error(format!("timed out after {:?}", p.common.timeout)),
+                    }
+                }
             };
             match answer {
                 Answer::Allow(e) => {

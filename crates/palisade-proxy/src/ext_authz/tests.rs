@@ -6,10 +6,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue as PbHeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use palisade_policy::mesh::{BodyInCheck, ExtAuthzGrpcProvider, ExtAuthzHttpProvider};
 
@@ -67,9 +71,20 @@ fn grpc_check_request_fields() {
     let a = req.attributes.unwrap();
     let src = a.source.unwrap();
     assert_eq!(src.principal, "spiffe://cluster.local/ns/shop/sa/client");
-    let Some(address::Address::SocketAddress(sa)) = src.address.unwrap().address else { panic!() };
-    assert_eq!((sa.address.as_str(), sa.port_specifier), ("127.0.0.9", Some(socket_address::PortSpecifier::PortValue(40000))));
-    assert_eq!(a.destination.unwrap().principal, "spiffe://cluster.local/ns/shop/sa/web");
+    let Some(address::Address::SocketAddress(sa)) = src.address.unwrap().address else {
+        panic!()
+    };
+    assert_eq!(
+        (sa.address.as_str(), sa.port_specifier),
+        (
+            "127.0.0.9",
+            Some(socket_address::PortSpecifier::PortValue(40000))
+        )
+    );
+    assert_eq!(
+        a.destination.unwrap().principal,
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
     assert_eq!(a.tls_session.unwrap().sni, "outbound_.8080_._.web.shop");
     let r = a.request.unwrap();
     assert!(r.time.unwrap().seconds > 1_600_000_000);
@@ -89,8 +104,17 @@ fn grpc_check_request_fields() {
     assert_eq!(http.body, "hello");
     let mut c = common();
     c.pack_as_bytes = true;
-    let packed = grpc::check_request(&c, &input(&h, Some(b"hello"))).attributes.unwrap().request.unwrap().http.unwrap();
-    assert_eq!((packed.body.as_str(), packed.raw_body.as_slice()), ("", &b"hello"[..]));
+    let packed = grpc::check_request(&c, &input(&h, Some(b"hello")))
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert_eq!(
+        (packed.body.as_str(), packed.raw_body.as_slice()),
+        ("", &b"hello"[..])
+    );
 }
 
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
@@ -107,13 +131,24 @@ fn grpc_response_mapping() {
         })),
         ..CheckResponse::default()
     };
-    let Answer::Allow(e) = grpc::map_response(ok) else { panic!() };
-    assert_eq!(e.upstream_set, vec![(HeaderName::from_static("x-user"), HeaderValue::from_static("alice"))]);
+    let Answer::Allow(e) = grpc::map_response(ok) else {
+        panic!()
+    };
+    assert_eq!(
+        e.upstream_set,
+        vec![(
+            HeaderName::from_static("x-user"),
+            HeaderValue::from_static("alice")
+        )]
+    );
     assert_eq!(e.upstream_remove, vec![HeaderName::from_static("x-secret")]);
     assert_eq!(e.downstream_add.len(), 1);
 
     let denied = CheckResponse {
-        status: Some(RpcStatus { code: 7, ..RpcStatus::default() }),
+        status: Some(RpcStatus {
+            code: 7,
+            ..RpcStatus::default()
+        }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus { code: 418 }),
             headers: vec![hv("x-why", "teapot")],
@@ -121,18 +156,37 @@ fn grpc_response_mapping() {
         })),
         ..CheckResponse::default()
     };
-    let Answer::Deny { status, headers, body, .. } = grpc::map_response(denied) else { panic!() };
-    assert_eq!((status, body.as_ref()), (StatusCode::IM_A_TEAPOT, &b"no tea"[..]));
+    let Answer::Deny {
+        status,
+        headers,
+        body,
+        ..
+    } = grpc::map_response(denied)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (status, body.as_ref()),
+        (StatusCode::IM_A_TEAPOT, &b"no tea"[..])
+    );
     assert_eq!(headers[0].1, "teapot");
 
     let bare = CheckResponse {
-        status: Some(RpcStatus { code: 7, ..RpcStatus::default() }),
+        status: Some(RpcStatus {
+            code: 7,
+            ..RpcStatus::default()
+        }),
         ..CheckResponse::default()
     };
-    let Answer::Deny { status, .. } = grpc::map_response(bare) else { panic!() };
+    let Answer::Deny { status, .. } = grpc::map_response(bare) else {
+        panic!()
+    };
     assert_eq!(status, StatusCode::FORBIDDEN);
     let err = CheckResponse {
-        status: Some(RpcStatus { code: 13, ..RpcStatus::default() }),
+        status: Some(RpcStatus {
+            code: 13,
+            ..RpcStatus::default()
+        }),
         http_response: Some(HttpResponse::ErrorResponse(DeniedHttpResponse::default())),
         ..CheckResponse::default()
     };
@@ -180,11 +234,36 @@ fn http_check_request_and_mapping() {
     resp.insert("x-trace", "t1".parse().unwrap());
     resp.insert("x-other", "o".parse().unwrap());
     resp.insert("content-length", "2".parse().unwrap());
-    let Answer::Allow(e) = c.map_response(StatusCode::OK, &resp, Bytes::new()) else { panic!() };
-    assert_eq!(e.upstream_set, vec![(HeaderName::from_static("x-auth-user"), HeaderValue::from_static("alice"))]);
-    assert_eq!(e.downstream_add, vec![(HeaderName::from_static("x-trace"), HeaderValue::from_static("t1"))]);
-    let Answer::Deny { status, headers, body, .. } = c.map_response(StatusCode::UNAUTHORIZED, &resp, Bytes::from_static(b"no")) else { panic!() };
-    assert_eq!((status, body.as_ref()), (StatusCode::UNAUTHORIZED, &b"no"[..]));
+    let Answer::Allow(e) = c.map_response(StatusCode::OK, &resp, Bytes::new()) else {
+        panic!()
+    };
+    assert_eq!(
+        e.upstream_set,
+        vec![(
+            HeaderName::from_static("x-auth-user"),
+            HeaderValue::from_static("alice")
+        )]
+    );
+    assert_eq!(
+        e.downstream_add,
+        vec![(
+            HeaderName::from_static("x-trace"),
+            HeaderValue::from_static("t1")
+        )]
+    );
+    let Answer::Deny {
+        status,
+        headers,
+        body,
+        ..
+    } = c.map_response(StatusCode::UNAUTHORIZED, &resp, Bytes::from_static(b"no"))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (status, body.as_ref()),
+        (StatusCode::UNAUTHORIZED, &b"no"[..])
+    );
     // headersToDownstreamOnDeny unset: every header of the answer but the framing ones.
     assert_eq!(headers.len(), 3, "{headers:?}");
 }
@@ -201,11 +280,17 @@ struct GrpcAuthz {
 
 #[tonic::async_trait]
 impl Authorization for GrpcAuthz {
-    async fn check(&self, req: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        req: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         self.seen.0.lock().unwrap().push(req.into_inner());
         let resp = if self.deny {
             CheckResponse {
-                status: Some(RpcStatus { code: 7, ..RpcStatus::default() }),
+                status: Some(RpcStatus {
+                    code: 7,
+                    ..RpcStatus::default()
+                }),
                 http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
                     status: Some(HttpStatus { code: 401 }),
                     headers: vec![hv("x-denied-by", "grpc")],
@@ -231,7 +316,10 @@ async fn grpc_server(deny: bool) -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Seen::default();
-    let svc = AuthorizationServer::new(GrpcAuthz { seen: seen.clone(), deny });
+    let svc = AuthorizationServer::new(GrpcAuthz {
+        seen: seen.clone(),
+        deny,
+    });
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(svc)
@@ -251,20 +339,25 @@ async fn http_server() -> SocketAddr {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: ::http::Request<hyper::body::Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    if path.starts_with("/check/slow") {
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                    let mut resp = ::http::Response::new(Full::new(Bytes::from_static(b"denied by http")));
-                    if path.starts_with("/check/deny") {
-                        *resp.status_mut() = StatusCode::FORBIDDEN;
-                        resp.headers_mut().insert("x-denied-by", HeaderValue::from_static("http"));
-                    } else {
-                        resp.headers_mut().insert("x-auth-user", HeaderValue::from_static("alice"));
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
+                let svc = hyper::service::service_fn(
+                    |req: ::http::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        if path.starts_with("/check/slow") {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        let mut resp =
+                            ::http::Response::new(Full::new(Bytes::from_static(b"denied by http")));
+                        if path.starts_with("/check/deny") {
+                            *resp.status_mut() = StatusCode::FORBIDDEN;
+                            resp.headers_mut()
+                                .insert("x-denied-by", HeaderValue::from_static("http"));
+                        } else {
+                            resp.headers_mut()
+                                .insert("x-auth-user", HeaderValue::from_static("alice"));
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
@@ -302,7 +395,12 @@ fn grpc_p(name: &str, addr: SocketAddr) -> ExtensionProvider {
     }
 }
 
-fn http_p(name: &str, port: u16, fail_open: bool, status_on_error: Option<&str>) -> ExtensionProvider {
+fn http_p(
+    name: &str,
+    port: u16,
+    fail_open: bool,
+    status_on_error: Option<&str>,
+) -> ExtensionProvider {
     let mut p = http_provider(port);
     p.fail_open = fail_open;
     p.status_on_error = status_on_error.map(str::to_owned);
@@ -334,7 +432,9 @@ async fn real_authorizers() {
     let at = |path: &'static str| CheckInput { path, ..base };
 
     // Two providers allow: both edits accumulate; the gRPC one saw the body cut at 4 bytes.
-    let Decision::Allow(e) = authz.check(&["grpc-allow", "http"], &base).await else { panic!() };
+    let Decision::Allow(e) = authz.check(&["grpc-allow", "http"], &base).await else {
+        panic!()
+    };
     let names: Vec<&str> = e.upstream_set.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(names, ["x-grpc-ok", "x-auth-user"]);
     let got = seen.0.lock().unwrap().pop().unwrap();
@@ -343,30 +443,63 @@ async fn real_authorizers() {
     assert_eq!(http.headers["x-envoy-auth-partial-body"], "true");
 
     // A denial reaches the client as the authorizer wrote it; the first denier wins.
-    let Decision::Deny(d) = authz.check(&["grpc-allow", "grpc-deny", "http"], &base).await else { panic!() };
-    assert_eq!((d.status, d.body.as_ref(), d.provider.as_str()), (StatusCode::UNAUTHORIZED, &b"go away"[..], "grpc-deny"));
-    let Decision::Deny(d) = authz.check(&["http"], &at("/deny/x")).await else { panic!() };
-    assert_eq!((d.status, d.body.as_ref()), (StatusCode::FORBIDDEN, &b"denied by http"[..]));
-    assert!(d.headers.iter().any(|(k, v)| k == "x-denied-by" && v == "http"));
+    let Decision::Deny(d) = authz
+        .check(&["grpc-allow", "grpc-deny", "http"], &base)
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (d.status, d.body.as_ref(), d.provider.as_str()),
+        (StatusCode::UNAUTHORIZED, &b"go away"[..], "grpc-deny")
+    );
+    let Decision::Deny(d) = authz.check(&["http"], &at("/deny/x")).await else {
+        panic!()
+    };
+    assert_eq!(
+        (d.status, d.body.as_ref()),
+        (StatusCode::FORBIDDEN, &b"denied by http"[..])
+    );
+    assert!(
+        d.headers
+            .iter()
+            .any(|(k, v)| k == "x-denied-by" && v == "http")
+    );
 
     // Timeout (300 ms < 2 s): closed answers 403 with no body, open allows.
     let started = std::time::Instant::now();
-    let Decision::Deny(d) = authz.check(&["http"], &at("/slow")).await else { panic!() };
+    let Decision::Deny(d) = authz.check(&["http"], &at("/slow")).await else {
+        panic!()
+    };
     assert_eq!((d.status, d.body.len()), (StatusCode::FORBIDDEN, 0));
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert!(matches!(authz.check(&["http-open"], &at("/slow")).await, Decision::Allow(_)));
+    assert!(matches!(
+        authz.check(&["http-open"], &at("/slow")).await,
+        Decision::Allow(_)
+    ));
 
     // Authorizer down: statusOnError.
-    let Decision::Deny(d) = authz.check(&["down"], &base).await else { panic!() };
+    let Decision::Deny(d) = authz.check(&["down"], &base).await else {
+        panic!()
+    };
     assert_eq!(d.status, StatusCode::SERVICE_UNAVAILABLE);
     // Unknown provider: fail closed.
-    assert!(matches!(authz.check(&["nope"], &base).await, Decision::Deny(_)));
+    assert!(matches!(
+        authz.check(&["nope"], &base).await,
+        Decision::Deny(_)
+    ));
     assert_eq!(authz.body_bytes_wanted(&["http", "grpc-allow"]), 4);
 }
 
 #[test]
 fn name_patterns() {
-    let cases = [("x-a", "x-a", true), ("x-a", "x-ab", false), ("x-*", "x-ab", true), ("*-id", "req-id", true), ("X-A", "x-a", true)];
+    let cases = [
+        ("x-a", "x-a", true),
+        ("x-a", "x-ab", false),
+        ("x-*", "x-ab", true),
+        ("*-id", "req-id", true),
+        ("X-A", "x-a", true),
+    ];
     for (p, n, want) in cases {
         assert_eq!(NamePattern::parse(p).matches(n), want, "{p} {n}");
     }

@@ -141,7 +141,8 @@ fn parse_token(token: &str) -> Result<Parsed<'_>, JwtFailure> {
         return Err(JwtFailure::TooLarge);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(_s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(_s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtFailure::BadFormat);
     };
@@ -156,8 +157,8 @@ fn parse_token(token: &str) -> Result<Parsed<'_>, JwtFailure> {
         .ok_or(JwtFailure::AlgNotSupported)?;
     // The allow-list: the algorithms this build verifies. `none` is never among them.
     let alg = match alg_name {
-        "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384"
-        | "EdDSA" | "HS256" | "HS384" | "HS512" => alg_name
+        "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384" | "EdDSA"
+        | "HS256" | "HS384" | "HS512" => alg_name
             .parse::<Algorithm>()
             .map_err(|_| JwtFailure::AlgNotSupported)?,
         _ => return Err(JwtFailure::AlgNotSupported),
@@ -394,10 +395,13 @@ impl JwtAuthn {
 
     /// Applies the accepting rule's outputs to the request sent to the app. Returns the new
     /// path-and-query when the token must be removed from the query string.
-    pub fn apply(&self, v: &Verified, headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
-        let Some(p) = self.providers.get(v.provider) else {
-            return None;
-        };
+    pub fn apply(
+        &self,
+        v: &Verified,
+        headers: &mut HeaderMap,
+        query: Option<&str>,
+    ) -> Option<String> {
+        let p = self.providers.get(v.provider)?;
         if let Some(h) = &p.payload_header
             && let Ok(value) = HeaderValue::from_str(&v.payload_b64)
         {
@@ -460,13 +464,19 @@ fn scalar(v: &Value) -> Option<String> {
 
 /// The 401/403 answer for a refused token: status, `WWW-Authenticate` (401 only) and the message
 /// as body. `realm` is the request URL without the query, as Envoy sends it.
-pub fn deny_parts(failure: JwtFailure, host: &str, path: &str) -> (StatusCode, Option<HeaderValue>, String) {
+pub fn deny_parts(
+    failure: JwtFailure,
+    host: &str,
+    path: &str,
+) -> (StatusCode, Option<HeaderValue>, String) {
     let status = failure.status();
     let www = (status == StatusCode::UNAUTHORIZED).then(|| {
         let path = path.split('?').next().unwrap_or("/");
         let realm = format!("http://{host}{path}").replace('"', "%22");
-        HeaderValue::from_str(&format!("Bearer realm=\"{realm}\", error=\"invalid_token\""))
-            .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""))
+        HeaderValue::from_str(&format!(
+            "Bearer realm=\"{realm}\", error=\"invalid_token\""
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""))
     });
     (status, www, failure.to_string())
 }

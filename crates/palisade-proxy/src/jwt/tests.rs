@@ -111,24 +111,89 @@ fn outcomes_as_istio() {
     let oversized = rs(claims(json!({"pad": "x".repeat(MAX_TOKEN_BYTES)})));
     let cases: Vec<(&str, String, Result<&str, JwtFailure>)> = vec![
         ("valid RS256", valid.clone(), Ok("alice")),
-        ("valid ES256", sign(Algorithm::ES256, Some("ec-1"), &k.ec, &claims(json!({}))), Ok("alice")),
-        ("valid without kid", sign(Algorithm::RS256, None, &k.rsa, &claims(json!({}))), Ok("alice")),
-        ("aud list", rs(claims(json!({"aud": ["x", "shop"]}))), Ok("alice")),
-        ("within skew", rs(claims(json!({"exp": NOW - 30}))), Ok("alice")),
-        ("expired", rs(claims(json!({"exp": NOW - 120}))), Err(JwtFailure::Expired)),
-        ("not yet valid", rs(claims(json!({"nbf": NOW + 3600}))), Err(JwtFailure::NotYetValid)),
-        ("wrong issuer", rs(claims(json!({"iss": "https://evil.example"}))), Err(JwtFailure::IssuerNotConfigured)),
-        ("wrong audience", rs(claims(json!({"aud": "other"}))), Err(JwtFailure::AudienceNotAllowed)),
-        ("no audience", rs(claims(json!({"aud": null}))), Err(JwtFailure::AudienceNotAllowed)),
-        ("unknown kid", sign(Algorithm::RS256, Some("nope"), &k.rsa, &claims(json!({}))), Err(JwtFailure::KeyNotFound)),
-        ("other key, same kid", sign(Algorithm::RS256, Some("rsa-1"), &k.other_rsa, &claims(json!({}))), Err(JwtFailure::VerificationFails)),
-        ("tampered payload", tampered, Err(JwtFailure::VerificationFails)),
+        (
+            "valid ES256",
+            sign(Algorithm::ES256, Some("ec-1"), &k.ec, &claims(json!({}))),
+            Ok("alice"),
+        ),
+        (
+            "valid without kid",
+            sign(Algorithm::RS256, None, &k.rsa, &claims(json!({}))),
+            Ok("alice"),
+        ),
+        (
+            "aud list",
+            rs(claims(json!({"aud": ["x", "shop"]}))),
+            Ok("alice"),
+        ),
+        (
+            "within skew",
+            rs(claims(json!({"exp": NOW - 30}))),
+            Ok("alice"),
+        ),
+        (
+            "expired",
+            rs(claims(json!({"exp": NOW - 120}))),
+            Err(JwtFailure::Expired),
+        ),
+        (
+            "not yet valid",
+            rs(claims(json!({"nbf": NOW + 3600}))),
+            Err(JwtFailure::NotYetValid),
+        ),
+        (
+            "wrong issuer",
+            rs(claims(json!({"iss": "https://evil.example"}))),
+            Err(JwtFailure::IssuerNotConfigured),
+        ),
+        (
+            "wrong audience",
+            rs(claims(json!({"aud": "other"}))),
+            Err(JwtFailure::AudienceNotAllowed),
+        ),
+        (
+            "no audience",
+            rs(claims(json!({"aud": null}))),
+            Err(JwtFailure::AudienceNotAllowed),
+        ),
+        (
+            "unknown kid",
+            sign(Algorithm::RS256, Some("nope"), &k.rsa, &claims(json!({}))),
+            Err(JwtFailure::KeyNotFound),
+        ),
+        (
+            "other key, same kid",
+            sign(
+                Algorithm::RS256,
+                Some("rsa-1"),
+                &k.other_rsa,
+                &claims(json!({})),
+            ),
+            Err(JwtFailure::VerificationFails),
+        ),
+        (
+            "tampered payload",
+            tampered,
+            Err(JwtFailure::VerificationFails),
+        ),
         ("alg none", alg_none, Err(JwtFailure::AlgNotSupported)),
-        ("HS256 keyed with the RSA public key", hs_with_public, Err(JwtFailure::KeyNotFound)),
+        (
+            "HS256 keyed with the RSA public key",
+            hs_with_public,
+            Err(JwtFailure::KeyNotFound),
+        ),
         ("oversized", oversized, Err(JwtFailure::TooLarge)),
-        ("two sections", "abc.def".to_owned(), Err(JwtFailure::BadFormat)),
+        (
+            "two sections",
+            "abc.def".to_owned(),
+            Err(JwtFailure::BadFormat),
+        ),
         ("garbage", "a.b.c".to_owned(), Err(JwtFailure::BadFormat)),
-        ("exp not a number", rs(claims(json!({"exp": "soon"}))), Err(JwtFailure::VerificationFails)),
+        (
+            "exp not a number",
+            rs(claims(json!({"exp": "soon"}))),
+            Err(JwtFailure::VerificationFails),
+        ),
     ];
     let (authn, warnings) = JwtAuthn::build(&[rule(&["shop"])]);
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -152,12 +217,25 @@ fn statuses_and_messages() {
     );
     assert_eq!(body, "Jwt is expired");
     let (s, www, body) = deny_parts(JwtFailure::AudienceNotAllowed, "h", "/");
-    assert_eq!((s, www, body.as_str()), (StatusCode::FORBIDDEN, None, "Audiences in Jwt are not allowed"));
+    assert_eq!(
+        (s, www, body.as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            None,
+            "Audiences in Jwt are not allowed"
+        )
+    );
     let msgs = [
         (JwtFailure::NotYetValid, "Jwt not yet valid"),
         (JwtFailure::VerificationFails, "Jwt verification fails"),
-        (JwtFailure::IssuerNotConfigured, "Jwt issuer is not configured"),
-        (JwtFailure::KeyNotFound, "Jwks doesn't have key to match kid or alg from Jwt"),
+        (
+            JwtFailure::IssuerNotConfigured,
+            "Jwt issuer is not configured",
+        ),
+        (
+            JwtFailure::KeyNotFound,
+            "Jwks doesn't have key to match kid or alg from Jwt",
+        ),
         (JwtFailure::FetchFailed, "Jwks remote fetch is failed"),
     ];
     for (f, m) in msgs {
@@ -169,19 +247,34 @@ fn statuses_and_messages() {
 #[test]
 fn no_token_or_no_rules_means_no_identity() {
     let (authn, _) = JwtAuthn::build(&[rule(&[])]);
-    assert!(matches!(authn.authenticate_at(&HeaderMap::new(), Some("a=b"), NOW), Outcome::NoToken));
+    assert!(matches!(
+        authn.authenticate_at(&HeaderMap::new(), Some("a=b"), NOW),
+        Outcome::NoToken
+    ));
     let mut h = HeaderMap::new();
     h.insert("authorization", "Basic dXNlcjpwdw==".parse().unwrap());
-    assert!(matches!(authn.authenticate_at(&h, None, NOW), Outcome::NoToken));
+    assert!(matches!(
+        authn.authenticate_at(&h, None, NOW),
+        Outcome::NoToken
+    ));
     let (none, _) = JwtAuthn::build(&[]);
-    assert!(matches!(none.authenticate_at(&bearer("x.y.z"), None, NOW), Outcome::NoToken));
+    assert!(matches!(
+        none.authenticate_at(&bearer("x.y.z"), None, NOW),
+        Outcome::NoToken
+    ));
 }
 
 #[test]
 fn fetch_failure_and_missing_keys_fail_closed() {
-    let token = sign(Algorithm::RS256, Some("rsa-1"), &keys().rsa, &claims(json!({})));
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &keys().rsa,
+        &claims(json!({})),
+    );
     let mut failed = rule(&[]);
-    failed.rule.jwks = json!({"keys": [], keys::FETCH_ERROR_MEMBER: "connection refused"}).to_string();
+    failed.rule.jwks =
+        json!({"keys": [], keys::FETCH_ERROR_MEMBER: "connection refused"}).to_string();
     let mut missing = rule(&[]);
     missing.rule.jwks.clear();
     let mut empty = rule(&[]);
@@ -206,49 +299,95 @@ fn hmac_only_with_inline_symmetric_key() {
     r.rule.jwks = json!({"keys": [{"kty": "oct", "kid": "s1", "k": URL_SAFE_NO_PAD.encode(secret), "alg": "HS256"}]}).to_string();
     let (authn, w) = JwtAuthn::build(&[r]);
     assert!(w.is_empty(), "{w:?}");
-    let good = sign(Algorithm::HS256, Some("s1"), &EncodingKey::from_secret(secret), &claims(json!({})));
-    assert!(matches!(authn.authenticate_at(&bearer(&good), None, NOW), Outcome::Valid(_)));
+    let good = sign(
+        Algorithm::HS256,
+        Some("s1"),
+        &EncodingKey::from_secret(secret),
+        &claims(json!({})),
+    );
+    assert!(matches!(
+        authn.authenticate_at(&bearer(&good), None, NOW),
+        Outcome::Valid(_)
+    ));
     // An RS256 token cannot be checked with the symmetric key.
-    let rs = sign(Algorithm::RS256, Some("s1"), &keys().rsa, &claims(json!({})));
-    assert!(matches!(authn.authenticate_at(&bearer(&rs), None, NOW), Outcome::Invalid(JwtFailure::KeyNotFound)));
+    let rs = sign(
+        Algorithm::RS256,
+        Some("s1"),
+        &keys().rsa,
+        &claims(json!({})),
+    );
+    assert!(matches!(
+        authn.authenticate_at(&bearer(&rs), None, NOW),
+        Outcome::Invalid(JwtFailure::KeyNotFound)
+    ));
 }
 
 #[test]
 fn locations_and_outputs() {
     let mut r = rule(&[]);
-    r.rule.from_headers = vec![JwtHeader { name: "x-jwt".into(), prefix: "Token ".into() }];
+    r.rule.from_headers = vec![JwtHeader {
+        name: "x-jwt".into(),
+        prefix: "Token ".into(),
+    }];
     r.rule.from_params = vec!["tok".into()];
     r.rule.output_payload_to_header = "x-jwt-payload".into();
     r.rule.output_claim_to_headers = vec![
-        ClaimToHeader { header: "x-sub".into(), claim: "sub".into() },
-        ClaimToHeader { header: "x-team".into(), claim: "org.team".into() },
-        ClaimToHeader { header: "x-groups".into(), claim: "groups".into() },
+        ClaimToHeader {
+            header: "x-sub".into(),
+            claim: "sub".into(),
+        },
+        ClaimToHeader {
+            header: "x-team".into(),
+            claim: "org.team".into(),
+        },
+        ClaimToHeader {
+            header: "x-groups".into(),
+            claim: "groups".into(),
+        },
     ];
     let (authn, _) = JwtAuthn::build(&[r]);
     let c = claims(json!({"org": {"team": "blue"}, "groups": ["a", "b"]}));
     let token = sign(Algorithm::RS256, Some("rsa-1"), &keys().rsa, &c);
 
     // The default location is not used when the rule names its own.
-    assert!(matches!(authn.authenticate_at(&bearer(&token), None, NOW), Outcome::NoToken));
+    assert!(matches!(
+        authn.authenticate_at(&bearer(&token), None, NOW),
+        Outcome::NoToken
+    ));
 
     let mut h = HeaderMap::new();
-    h.insert("x-jwt", HeaderValue::from_str(&format!("Token {token}")).unwrap());
+    h.insert(
+        "x-jwt",
+        HeaderValue::from_str(&format!("Token {token}")).unwrap(),
+    );
     h.insert("x-sub", "spoofed".parse().unwrap());
     authn.strip_output_headers(&mut h);
     assert!(h.get("x-sub").is_none());
-    let Outcome::Valid(v) = authn.authenticate_at(&h, None, NOW) else { panic!() };
+    let Outcome::Valid(v) = authn.authenticate_at(&h, None, NOW) else {
+        panic!()
+    };
     assert_eq!(authn.apply(&v, &mut h, None), None);
-    assert!(h.get("x-jwt").is_none(), "stripped: forwardOriginalToken is false");
+    assert!(
+        h.get("x-jwt").is_none(),
+        "stripped: forwardOriginalToken is false"
+    );
     assert_eq!(h["x-sub"], "alice");
     assert_eq!(h["x-team"], "blue");
     assert_eq!(h["x-groups"], "a,b");
-    let payload = URL_SAFE_NO_PAD.decode(h["x-jwt-payload"].as_bytes()).unwrap();
+    let payload = URL_SAFE_NO_PAD
+        .decode(h["x-jwt-payload"].as_bytes())
+        .unwrap();
     assert_eq!(serde_json::from_slice::<Value>(&payload).unwrap(), c);
 
     let q = format!("a=1&tok={token}&b=2");
     let mut h = HeaderMap::new();
-    let Outcome::Valid(v) = authn.authenticate_at(&h, Some(&q), NOW) else { panic!() };
-    assert_eq!(authn.apply(&v, &mut h, Some(&q)).as_deref(), Some("a=1&b=2"));
+    let Outcome::Valid(v) = authn.authenticate_at(&h, Some(&q), NOW) else {
+        panic!()
+    };
+    assert_eq!(
+        authn.apply(&v, &mut h, Some(&q)).as_deref(),
+        Some("a=1&b=2")
+    );
 }
 
 #[test]
@@ -256,9 +395,16 @@ fn forward_original_token_keeps_it() {
     let mut r = rule(&[]);
     r.rule.forward_original_token = true;
     let (authn, _) = JwtAuthn::build(&[r]);
-    let token = sign(Algorithm::RS256, Some("rsa-1"), &keys().rsa, &claims(json!({})));
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &keys().rsa,
+        &claims(json!({})),
+    );
     let mut h = bearer(&token);
-    let Outcome::Valid(v) = authn.authenticate_at(&h, None, NOW) else { panic!() };
+    let Outcome::Valid(v) = authn.authenticate_at(&h, None, NOW) else {
+        panic!()
+    };
     authn.apply(&v, &mut h, None);
     assert!(h.get("authorization").is_some());
 }
@@ -270,13 +416,32 @@ fn rules_of_other_issuers_and_jwks_limits() {
     other.rule.issuer = "https://other.example".into();
     other.rule.jwks = r#"{"keys": []}"#.into();
     let (authn, _) = JwtAuthn::build(&[other, rule(&[])]);
-    let token = sign(Algorithm::RS256, Some("rsa-1"), &keys().rsa, &claims(json!({})));
-    let Outcome::Valid(v) = authn.authenticate_at(&bearer(&token), None, NOW) else { panic!() };
+    let token = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &keys().rsa,
+        &claims(json!({})),
+    );
+    let Outcome::Valid(v) = authn.authenticate_at(&bearer(&token), None, NOW) else {
+        panic!()
+    };
     assert_eq!(v.provider, 1);
 
-    let big = format!("{{\"keys\": [], \"pad\": \"{}\"}}", "x".repeat(MAX_JWKS_BYTES));
-    assert!(matches!(keys::parse_jwks(&big), Err(keys::JwksError::TooLarge(_))));
-    let (set, w) = keys::parse_jwks(r#"{"keys": [{"kty": "RSA", "n": "", "e": "AQAB", "alg": "ES256"}, {"kty": "zzz"}]}"#).unwrap();
-    assert!(matches!(set, KeySet::Keys(ref k) if k.is_empty()), "{set:?}");
+    let big = format!(
+        "{{\"keys\": [], \"pad\": \"{}\"}}",
+        "x".repeat(MAX_JWKS_BYTES)
+    );
+    assert!(matches!(
+        keys::parse_jwks(&big),
+        Err(keys::JwksError::TooLarge(_))
+    ));
+    let (set, w) = keys::parse_jwks(
+        r#"{"keys": [{"kty": "RSA", "n": "", "e": "AQAB", "alg": "ES256"}, {"kty": "zzz"}]}"#,
+    )
+    .unwrap();
+    assert!(
+        matches!(set, KeySet::Keys(ref k) if k.is_empty()),
+        "{set:?}"
+    );
     assert_eq!(w.len(), 2, "{w:?}");
 }

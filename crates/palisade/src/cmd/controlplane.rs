@@ -48,7 +48,11 @@ fn parse_key_type(s: &str) -> Result<CaKeyType, String> {
 
 pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     if args.mesh.is_none() {
-        args.mesh = args.config.as_ref().map(|d| d.join("mesh.yaml")).filter(|p| p.is_file());
+        args.mesh = args
+            .config
+            .as_ref()
+            .map(|d| d.join("mesh.yaml"))
+            .filter(|p| p.is_file());
     }
     let mesh = match &args.mesh {
         Some(path) => MeshConfig::load(path)?,
@@ -91,9 +95,13 @@ async fn start_config_push(
     listen: SocketAddr,
 ) -> anyhow::Result<(palisade_control::ConfigWatcher, tokio::task::JoinHandle<()>)> {
     let cache = std::sync::Arc::new(palisade_xds::SnapshotCache::new());
-    let watcher = palisade_control::ConfigWatcher::start(dir, cache.clone())?;
+    // JWKS keys of RequestAuthentications are fetched here and pushed inline to proxies.
+    let jwks =
+        palisade_control::jwks::JwksResolver::new(palisade_control::jwks::JwksOptions::from_env());
+    let watcher = palisade_control::ConfigWatcher::start_with_jwks(dir, cache.clone(), Some(jwks))?;
     let identity = server.serving_identity().clone();
-    let key = palisade_identity::generate_key_and_csr(&identity, palisade_identity::KeyType::EcdsaP256)?;
+    let key =
+        palisade_identity::generate_key_and_csr(&identity, palisade_identity::KeyType::EcdsaP256)?;
     let issued = server
         .authority()
         .issue(&key.csr_pem, &identity, 30 * 24 * 3600)
@@ -107,7 +115,10 @@ async fn start_config_push(
     let bundle = server.trust_bundle().clone();
     let task = tokio::spawn(async move {
         let cert = palisade_identity::CertSource::from(svid);
-        if let Err(e) = ads.serve(listener, cert, &bundle, std::future::pending()).await {
+        if let Err(e) = ads
+            .serve(listener, cert, &bundle, std::future::pending())
+            .await
+        {
             tracing::error!(error = %e, "ADS server stopped");
         }
     });

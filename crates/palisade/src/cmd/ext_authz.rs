@@ -34,14 +34,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding {}", args.http_listen))?;
     // Tests and scripts read the ports from these lines.
-    println!("palisade ext-authz: gRPC listening on {}", grpc.local_addr()?);
-    println!("palisade ext-authz: HTTP listening on {}", http.local_addr()?);
+    println!(
+        "palisade ext-authz: gRPC listening on {}",
+        grpc.local_addr()?
+    );
+    println!(
+        "palisade ext-authz: HTTP listening on {}",
+        http.local_addr()?
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc_task = tokio::spawn(palisade_ext_authz::grpc::serve(grpc, Arc::clone(&authz), stopped(stop_rx.clone())));
-    let http_task = tokio::spawn(palisade_ext_authz::http::serve(http, authz, stopped(stop_rx)));
+    let grpc_task = tokio::spawn(palisade_ext_authz::grpc::serve(
+        grpc,
+        Arc::clone(&authz),
+        stopped(stop_rx.clone()),
+    ));
+    let http_task = tokio::spawn(palisade_ext_authz::http::serve(
+        http,
+        authz,
+        stopped(stop_rx),
+    ));
     super::controlplane::shutdown_signal().await;
     let _ = stop_tx.send(true);
     grpc_task.await?.context("gRPC server")?;

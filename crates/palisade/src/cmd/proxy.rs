@@ -92,7 +92,9 @@ pub async fn run_proxy(
     options: ProxyOptions,
     certs: watch::Receiver<Option<Arc<CertMaterial>>>,
 ) -> anyhow::Result<ExitCode> {
-    let mut proxy = Proxy::start(options, certs).await.context("starting the proxy")?;
+    let mut proxy = Proxy::start(options, certs)
+        .await
+        .context("starting the proxy")?;
     // Tests and scripts read the addresses from this line or from the ready file.
     println!(
         "palisade proxy: admin listening on {}, outbound on {}",
@@ -108,7 +110,8 @@ pub async fn run_proxy(
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let extra_roots = match &args.ca_root {
-        Some(path) => palisade_identity::pem::read_certs(path).with_context(|| format!("--ca-root {}", path.display()))?,
+        Some(path) => palisade_identity::pem::read_certs(path)
+            .with_context(|| format!("--ca-root {}", path.display()))?,
         None => Vec::new(),
     };
     let sds = palisade_proxy::sds::stream_certificates(args.sds_socket.clone());

@@ -44,18 +44,26 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let trust_domain =
-        TrustDomain::new(&args.trust_domain).with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+    let trust_domain = TrustDomain::new(&args.trust_domain)
+        .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
     let ca_root_pem = palisade_identity::pem::read_file(&args.ca_root)?;
-    let roots = palisade_identity::pem::parse_certs(&ca_root_pem).with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
-    anyhow::ensure!(!roots.is_empty(), "--ca-root {}: no certificate", args.ca_root.display());
+    let roots = palisade_identity::pem::parse_certs(&ca_root_pem)
+        .with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--ca-root {}: no certificate",
+        args.ca_root.display()
+    );
     let token = TokenFile::new(&args.token_file);
     // A token that cannot be read now is a configuration mistake: say so at once.
     let (_, identity) = token.read_identity(&trust_domain)?;
     let xds = match &args.xds_address {
         Some(a) => a.clone(),
         None => {
-            let host = args.control_plane.rsplit_once(':').map_or(args.control_plane.as_str(), |(h, _)| h);
+            let host = args
+                .control_plane
+                .rsplit_once(':')
+                .map_or(args.control_plane.as_str(), |(h, _)| h);
             format!("{host}:15010")
         }
     };
@@ -70,7 +78,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster_id: None,
         connect_timeout: Duration::from_secs(5),
     });
-    let secrets = palisade_agent::manager::spawn(source, roots, ManagerConfig::default(), AgentMetrics::default());
+    let secrets = palisade_agent::manager::spawn(
+        source,
+        roots,
+        ManagerConfig::default(),
+        AgentMetrics::default(),
+    );
     let mut state = secrets.subscribe();
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {

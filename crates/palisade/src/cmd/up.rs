@@ -1,237 +1,565 @@
 //! `palisade up DIR`: a whole mesh from one directory on this machine, no Kubernetes.
 //!
-//! Today it validates the directory (every error at once), starts the control plane's CA on
-//! loopback, and gives every WorkloadEntry its identity end to end over the real CA API: a
-//! service-account token from the control plane's issuer, a fresh key, a CSR over TLS, and a
-//! checked chain back. The sidecars that use those identities come with the proxy.
+//! It validates the directory (every error at once), then runs and supervises child processes of
+//! this same binary: the control plane (`palisade controlplane --config DIR`, which watches DIR
+//! and pushes every change), one `palisade sidecar` per WorkloadEntry on the workload's own
+//! loopback address, and a demo application (`palisade echo`) where the WorkloadEntry asks for
+//! one with the annotation `palisade.dev/demo-app: echo`.
+//!
+//! Children are separate processes so that each can fail (or be killed) on its own: a child that
+//! exits is restarted with backoff and reported, with the same addresses, so the others never
+//! notice more than a reconnect. They run in their own process group: Ctrl-C reaches `up` alone,
+//! which then stops every child before it exits. Their logs go to `STATE/logs/`; `STATE/up.json`
+//! tells `palisade status` what is running where.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Duration;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use palisade_ca::{CaClient, CaClientOptions, CaServer, TokenIssuer, ISTIO_CA_AUDIENCE};
-use palisade_identity::{CertInfo, KeyType, SpiffeId, TrustDomain};
+use palisade_ca::{ISTIO_CA_AUDIENCE, TokenIssuer};
+use palisade_identity::{SpiffeId, TrustDomain};
 use palisade_policy::MeshSnapshot;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::sync::watch;
+
+/// The WorkloadEntry annotation that asks `up` for a demo application beside the sidecar.
+pub const DEMO_APP_ANNOTATION: &str = "palisade.dev/demo-app";
+/// Sidecar admin and outbound ports, on the workload's own address.
+pub const ADMIN_PORT: u16 = 15000;
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The file in the state directory that describes the running mesh.
+pub const STATE_FILE: &str = "up.json";
+/// Lifetime of the service-account tokens `up` hands to its sidecars (re-issued on restart).
+const TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long to wait for every sidecar's first certificate and config.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The mesh directory: mesh.yaml, WorkloadEntries and security policies.
+    /// The mesh directory: mesh.yaml, WorkloadEntries, ServiceEntries and security policies.
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// Control plane state (CA key, token issuer key, root-cert.pem), kept between runs.
-    /// Default: a directory named after DIR under the system temporary directory.
+    /// Control plane state (CA key, token issuer key, root-cert.pem), logs and `up.json`, kept
+    /// between runs. Default: a directory named after DIR under the system temporary directory.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// Address of the control plane's CA.
-    #[arg(long, value_name = "ADDR", default_value = palisade_ca::DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
-    /// Lifetime of the workload certificates.
+    /// Address of the control plane's CA; port 0 picks a free port (kept across restarts).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub ca_listen: SocketAddr,
+    /// Address of the control plane's ADS; port 0 picks a free port (kept across restarts).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub xds_listen: SocketAddr,
+    /// Lifetime of the workload certificates (rotated at half-life).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = super::token::parse_duration)]
     pub cert_ttl: Duration,
-    /// Issue the identities, print the summary and exit instead of serving until Ctrl-C.
-    #[arg(long)]
-    pub once: bool,
 }
 
-/// One workload's identity as issued.
-struct Issued {
-    key: String,
-    id: SpiffeId,
-    address: String,
-    ports: String,
-    serial: String,
-    not_after: String,
+/// `STATE/up.json`: what `palisade status` reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpState {
+    /// The mesh directory.
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub ca: String,
+    pub xds: String,
+    pub root: PathBuf,
+    pub logs: PathBuf,
+    /// Process id of `palisade up`.
+    pub pid: u32,
+    pub workloads: Vec<UpWorkload>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpWorkload {
+    /// namespace/name.
+    pub workload: String,
+    pub identity: String,
+    pub address: String,
+    /// `name:port/MODE` per port.
+    pub ports: Vec<String>,
+    pub admin: String,
+    pub outbound: String,
+    /// The demo application's address, when `up` runs one.
+    pub app: Option<String>,
+    pub log: PathBuf,
+}
+
+/// One workload as `up` runs it.
+struct Planned {
+    info: UpWorkload,
+    namespace: String,
+    service_account: String,
+    /// workload port -> application port (demo apps only).
+    app_ports: BTreeMap<u16, u16>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let dir = &args.dir;
-    let snapshot = match palisade_policy::load_dir(dir) {
+    let dir = args
+        .dir
+        .canonicalize()
+        .with_context(|| format!("mesh directory {}", args.dir.display()))?;
+    let snapshot = match palisade_policy::load_dir(&dir) {
         Ok(s) => s,
         Err(errors) => {
-            eprintln!("{} is not a valid mesh directory:", dir.display());
+            eprintln!("{} is not a valid mesh directory:", args.dir.display());
             eprintln!("{errors}");
             return Ok(ExitCode::from(2));
         }
     };
     for warning in &snapshot.warnings {
-        eprintln!("{warning}");
+        eprintln!("warning: {warning}");
     }
     if snapshot.workload_entries.is_empty() {
         bail!(
             "{}: no WorkloadEntry found: nothing to run (see examples/bookinfo/workloads.yaml)",
-            dir.display()
+            args.dir.display()
+        );
+    }
+    let state = match &args.state {
+        Some(s) => s.clone(),
+        None => default_state_dir(&dir),
+    };
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let state = state.canonicalize()?;
+    let logs = state.join("logs");
+    let run_dir = state.join("run");
+    let tokens_dir = state.join("tokens");
+    for d in [&logs, &run_dir, &tokens_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // The token issuer's key exists before the control plane starts, so both load the same one.
+    let tokens = Arc::new(TokenIssuer::load_or_create(&state).context("loading the token issuer")?);
+    let trust_domain = TrustDomain::new(&snapshot.mesh.trust_domain)
+        .with_context(|| format!("trustDomain {:?}", snapshot.mesh.trust_domain))?;
+    let planned = plan(&snapshot, &trust_domain, &logs)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut supervisors = Vec::new();
+
+    // The control plane first: the sidecars need its CA and ADS.
+    let ca = pick_addr(args.ca_listen)?;
+    let xds = pick_addr(args.xds_listen)?;
+    let exe = std::env::current_exe().context("locating the palisade binary")?;
+    let cp = ChildSpec {
+        name: "control plane".into(),
+        exe: exe.clone(),
+        args: os_args([
+            "controlplane".as_ref(),
+            "--state".as_ref(),
+            state.as_os_str(),
+            "--config".as_ref(),
+            dir.as_os_str(),
+            "--listen".as_ref(),
+            ca.to_string().as_ref(),
+            "--xds-listen".as_ref(),
+            xds.to_string().as_ref(),
+        ]),
+        env: Vec::new(),
+        log: logs.join("controlplane.log"),
+        pid_file: run_dir.join("controlplane.pid"),
+        report: Report::WarnAndError,
+        before_start: None,
+    };
+    supervisors.push(tokio::spawn(supervise(cp, stop_rx.clone())));
+    eprintln!(
+        "control plane: CA on {ca}, ADS on {xds}, state in {}",
+        state.display()
+    );
+    let root = state.join("root-cert.pem");
+    let cp_up = wait_until(Duration::from_secs(30), async || {
+        root.is_file()
+            && tokio::net::TcpStream::connect(ca).await.is_ok()
+            && tokio::net::TcpStream::connect(xds).await.is_ok()
+    })
+    .await;
+    if !cp_up {
+        let _ = stop_tx.send(true);
+        for s in supervisors {
+            let _ = s.await;
+        }
+        bail!(
+            "the control plane did not start within 30 s; see {}",
+            logs.join("controlplane.log").display()
         );
     }
 
-    let state = match &args.state {
-        Some(s) => s.clone(),
-        None => default_state_dir(dir),
-    };
-    let mesh_file = dir.join("mesh.yaml");
-    let options = super::controlplane::ca_options(&state, &snapshot.mesh, mesh_file.parent())?;
-    let trust_domain = options.trust_domain.clone();
-    let mut registry = palisade_ca::metrics::Registry::default();
-    let server = CaServer::prepare(options, &mut registry)
-        .await
-        .context("starting the CA")?;
-    let root_path = server.root_cert_path().to_path_buf();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the CA to {} (use --listen to pick another)", args.listen))?;
-    let ca_addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let ca = tokio::spawn(server.serve(listener, async {
-        let _ = stop_rx.await;
-    }));
-    eprintln!("control plane: CA on {ca_addr}, state in {}", state.display());
-
-    let result = issue_all(&snapshot, &state, &root_path, ca_addr, &trust_domain, args.cert_ttl).await;
-    let issued = match result {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = stop_tx.send(());
-            let _ = ca.await;
-            return Err(e);
+    let total = planned.len();
+    eprintln!("starting {total} sidecars; each asks the CA for its certificate:");
+    let mut refreshers: Vec<Hook> = Vec::new();
+    for p in &planned {
+        let key = &p.info.workload;
+        let file = key.replace('/', "-");
+        let ready = run_dir.join(format!("{file}.ready"));
+        let token = tokens_dir.join(format!("{file}.jwt"));
+        // A fresh token on every (re)start and every day: the sidecar re-reads it before every
+        // CA request, so certificate rotation never meets an expired token.
+        let refresh: Hook = {
+            let tokens = tokens.clone();
+            let (ns, sa) = (p.namespace.clone(), p.service_account.clone());
+            let token = token.clone();
+            Arc::new(move || -> anyhow::Result<()> {
+                let jwt = tokens.issue(&ns, &sa, &[ISTIO_CA_AUDIENCE.to_owned()], TOKEN_TTL)?;
+                write_private(&token, jwt.as_bytes())
+            })
+        };
+        refreshers.push(Arc::clone(&refresh));
+        let issue: Hook = {
+            let ready = ready.clone();
+            Arc::new(move || -> anyhow::Result<()> {
+                let _ = std::fs::remove_file(&ready);
+                refresh()
+            })
+        };
+        let mut sidecar_args: Vec<OsString> = os_args([
+            "sidecar".as_ref(),
+            "--workload".as_ref(),
+            key.as_ref(),
+            "--control-plane".as_ref(),
+            ca.to_string().as_ref(),
+            "--xds-address".as_ref(),
+            xds.to_string().as_ref(),
+            "--ca-root".as_ref(),
+            root.as_os_str(),
+            "--token-file".as_ref(),
+            token.as_os_str(),
+            "--trust-domain".as_ref(),
+            trust_domain.as_str().as_ref(),
+            "--cert-ttl".as_ref(),
+            format!("{}s", args.cert_ttl.as_secs()).as_ref(),
+            "--admin".as_ref(),
+            p.info.admin.as_ref(),
+            "--outbound".as_ref(),
+            p.info.outbound.as_ref(),
+            "--ready-file".as_ref(),
+            ready.as_os_str(),
+        ]);
+        for (port, app) in &p.app_ports {
+            sidecar_args.push("--app-port".into());
+            sidecar_args.push(format!("{port}={app}").into());
         }
-    };
-    print_summary(&snapshot, &issued, dir, ca_addr, &root_path);
+        let spec = ChildSpec {
+            name: format!("sidecar {key}"),
+            exe: exe.clone(),
+            args: sidecar_args,
+            env: Vec::new(),
+            log: p.info.log.clone(),
+            pid_file: run_dir.join(format!("sidecar-{file}.pid")),
+            report: Report::Error,
+            before_start: Some(issue),
+        };
+        supervisors.push(tokio::spawn(supervise(spec, stop_rx.clone())));
+        if let Some(app) = &p.info.app {
+            let spec = ChildSpec {
+                name: format!("demo app {key}"),
+                exe: exe.clone(),
+                args: os_args([
+                    "echo".as_ref(),
+                    "--listen".as_ref(),
+                    app.as_ref(),
+                    "--name".as_ref(),
+                    key.as_ref(),
+                    "--outbound".as_ref(),
+                    p.info.outbound.as_ref(),
+                ]),
+                env: Vec::new(),
+                log: logs.join(format!("echo-{file}.log")),
+                pid_file: run_dir.join(format!("echo-{file}.pid")),
+                report: Report::Error,
+                before_start: None,
+            };
+            supervisors.push(tokio::spawn(supervise(spec, stop_rx.clone())));
+        }
+    }
 
-    if !args.once {
-        eprintln!("\nserving; Ctrl-C stops everything");
-        super::controlplane::shutdown_signal().await;
+    supervisors.push(tokio::spawn(refresh_tokens(refreshers, stop_rx.clone())));
+
+    // Progress: a sidecar writes its ready file once it holds a certificate and its config and
+    // its listeners are open.
+    let started = Instant::now();
+    let mut pending: Vec<&Planned> = planned.iter().collect();
+    let mut done = 0;
+    let mut stop = std::pin::pin!(super::controlplane::shutdown_signal());
+    while !pending.is_empty() && started.elapsed() < READY_TIMEOUT {
+        let mut still = Vec::new();
+        for p in pending {
+            let file = p.info.workload.replace('/', "-");
+            if run_dir.join(format!("{file}.ready")).is_file() {
+                done += 1;
+                let cert = cert_summary(&p.info.admin).await;
+                eprintln!(
+                    "  [{done}/{total}] {:<24} {}  ({:.1}s)",
+                    p.info.workload,
+                    cert,
+                    started.elapsed().as_secs_f32()
+                );
+            } else {
+                still.push(p);
+            }
+        }
+        pending = still;
+        tokio::select! {
+            () = &mut stop => {
+                eprintln!("stopping");
+                return shutdown(&stop_tx, supervisors, &state).await;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
-    let _ = stop_tx.send(());
-    match ca.await {
-        Ok(r) => r.context("CA server")?,
-        Err(e) => bail!("CA task failed: {e}"),
+    for p in &pending {
+        eprintln!(
+            "  {} is not ready after {}s; see {}",
+            p.info.workload,
+            READY_TIMEOUT.as_secs(),
+            p.info.log.display()
+        );
     }
+
+    let up_state = UpState {
+        dir: dir.clone(),
+        state: state.clone(),
+        ca: ca.to_string(),
+        xds: xds.to_string(),
+        root: root.clone(),
+        logs: logs.clone(),
+        pid: std::process::id(),
+        workloads: planned.iter().map(|p| p.info.clone()).collect(),
+    };
+    let state_file = state.join(STATE_FILE);
+    std::fs::write(&state_file, serde_json::to_vec_pretty(&up_state)?)
+        .with_context(|| format!("writing {}", state_file.display()))?;
+    print_summary(&snapshot, &up_state);
+    eprintln!(
+        "\nserving; policy edits in {} apply live; Ctrl-C stops everything",
+        dir.display()
+    );
+    stop.await;
+    eprintln!("stopping");
+    shutdown(&stop_tx, supervisors, &state).await
+}
+
+async fn shutdown(
+    stop_tx: &watch::Sender<bool>,
+    supervisors: Vec<tokio::task::JoinHandle<()>>,
+    state: &Path,
+) -> anyhow::Result<ExitCode> {
+    let _ = stop_tx.send(true);
+    for s in supervisors {
+        let _ = s.await;
+    }
+    let _ = std::fs::remove_file(state.join(STATE_FILE));
+    eprintln!("all processes stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Issues every workload's identity through the CA's gRPC API, as an agent would.
-async fn issue_all(
+/// Addresses, ports and demo applications of every workload.
+fn plan(
     snapshot: &MeshSnapshot,
-    state: &Path,
-    root_path: &Path,
-    ca_addr: SocketAddr,
     trust_domain: &TrustDomain,
-    ttl: Duration,
-) -> anyhow::Result<Vec<Issued>> {
-    let tokens = TokenIssuer::load_or_create(state).context("loading the token issuer")?;
-    let root_pem = std::fs::read(root_path).with_context(|| format!("reading {}", root_path.display()))?;
-    let client = CaClient::connect(
-        &ca_addr.to_string(),
-        &root_pem,
-        CaClientOptions {
-            trust_domain: Some(trust_domain.clone()),
-            ..CaClientOptions::default()
-        },
-    )
-    .await
-    .context("connecting to the CA")?;
-
-    let total = snapshot.workload_entries.len();
-    let mut issued = Vec::with_capacity(total);
-    for (i, entry) in snapshot.workload_entries.iter().enumerate() {
+    logs: &Path,
+) -> anyhow::Result<Vec<Planned>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for entry in &snapshot.workload_entries {
         let w = &entry.resource;
         let key = w.key();
-        let ns = w.metadata.namespace();
-        let sa = w.service_account();
-        eprintln!("[{}/{total}] issuing identity for {key}", i + 1);
-        let id = SpiffeId::for_service_account(trust_domain.clone(), ns, sa)
-            .with_context(|| format!("WorkloadEntry {key}: cannot form a SPIFFE ID"))?;
-        let token = tokens
-            .issue(ns, sa, &[ISTIO_CA_AUDIENCE.to_owned()], Duration::from_secs(600))
-            .with_context(|| format!("{key}: issuing a service-account token"))?;
-        let material = palisade_identity::generate_key_and_csr(&id, KeyType::EcdsaP256)
-            .with_context(|| format!("{key}: generating a key and CSR"))?;
-        let chain = client
-            .create_certificate(&material.csr_pem, Some(&token), Some(ttl), None)
-            .await
-            .with_context(|| format!("{key}: CSR refused"))?;
-        let leaf_pem = chain.first().context("empty chain")?;
-        let leaf_der = palisade_identity::pem::parse_certs(leaf_pem.as_bytes())?
-            .into_iter()
-            .next()
-            .context("no certificate in the leaf PEM")?;
-        let info = CertInfo::parse(&leaf_der)?;
-        let got = info.spiffe_id()?;
-        if got != id {
-            bail!("{key}: the CA issued {got}, expected {id}");
+        let ns = w.metadata.namespace().to_owned();
+        let sa = w.service_account().to_owned();
+        let Ok(ip) = w.spec.address.parse::<IpAddr>() else {
+            errors.push(format!(
+                "{key}: address {:?} is not an IP address (up runs every workload on its own loopback address)",
+                w.spec.address
+            ));
+            continue;
+        };
+        if !ip.is_loopback() {
+            errors.push(format!(
+                "{key}: address {ip} is not a loopback address (use 127.0.0.0/8)"
+            ));
+            continue;
         }
+        let id = match SpiffeId::for_service_account(trust_domain.clone(), &ns, &sa) {
+            Ok(id) => id,
+            Err(e) => {
+                errors.push(format!("{key}: cannot form a SPIFFE ID: {e}"));
+                continue;
+            }
+        };
         let resolved = snapshot.resolve_workload(&key);
-        let ports = w
-            .spec
-            .ports
-            .iter()
-            .map(|(name, port)| {
-                let mode = u16::try_from(*port)
-                    .ok()
-                    .and_then(|p| resolved.as_ref().map(|r| r.mtls.for_port(p).mode.to_string()))
-                    .unwrap_or_else(|| "?".to_owned());
-                format!("{name}:{port}/{mode}")
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-        issued.push(Issued {
-            key,
-            id,
-            address: w.spec.address.clone(),
-            ports,
-            serial: info.serial.clone(),
-            not_after: info
-                .not_after
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| info.not_after.to_string()),
+        let mut ports = Vec::new();
+        let mut numbers = Vec::new();
+        for (name, port) in &w.spec.ports {
+            let Ok(p) = u16::try_from(*port) else {
+                errors.push(format!("{key}: port {name}: {port} is out of range"));
+                continue;
+            };
+            if p == ADMIN_PORT || p == OUTBOUND_PORT {
+                errors.push(format!(
+                    "{key}: port {name}: {p} is the sidecar's own (admin {ADMIN_PORT}, outbound {OUTBOUND_PORT})"
+                ));
+            }
+            let mode = resolved
+                .as_ref()
+                .map_or_else(|| "?".to_owned(), |r| r.mtls.for_port(p).mode.to_string());
+            ports.push(format!("{name}:{p}/{mode}"));
+            numbers.push(p);
+        }
+        let demo = w.metadata.annotations.get(DEMO_APP_ANNOTATION);
+        let (app, app_ports) = match demo.map(String::as_str) {
+            None => (None, BTreeMap::new()),
+            Some("echo") => {
+                let app = pick_addr(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+                let map = numbers.iter().map(|&p| (p, app.port())).collect();
+                (Some(app.to_string()), map)
+            }
+            Some(other) => {
+                errors.push(format!(
+                    "{key}: annotation {DEMO_APP_ANNOTATION}: unknown demo app {other:?} (known: echo)"
+                ));
+                continue;
+            }
+        };
+        let file = key.replace('/', "-");
+        out.push(Planned {
+            info: UpWorkload {
+                workload: key,
+                identity: id.to_string(),
+                address: ip.to_string(),
+                ports,
+                admin: SocketAddr::new(ip, ADMIN_PORT).to_string(),
+                outbound: SocketAddr::new(ip, OUTBOUND_PORT).to_string(),
+                app,
+                log: logs.join(format!("sidecar-{file}.log")),
+            },
+            namespace: ns,
+            service_account: sa,
+            app_ports,
         });
     }
-    eprintln!("{total} identities issued and verified\n");
-    Ok(issued)
+    if !errors.is_empty() {
+        bail!("cannot run this mesh:\n  {}", errors.join("\n  "));
+    }
+    Ok(out)
 }
 
-fn print_summary(
-    snapshot: &MeshSnapshot,
-    issued: &[Issued],
-    dir: &Path,
-    ca_addr: SocketAddr,
-    root: &Path,
-) {
-    let rows: Vec<[String; 6]> = issued
+/// `addr` itself, or with port 0 a port that is free now (so that restarts reuse it).
+fn pick_addr(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    Ok(l.local_addr()?)
+}
+
+fn os_args<const N: usize>(args: [&std::ffi::OsStr; N]) -> Vec<OsString> {
+    args.iter().map(|a| a.to_os_string()).collect()
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn wait_until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// "serial 1a2b..., expires 2025-..." from a sidecar's admin endpoint.
+async fn cert_summary(admin: &str) -> String {
+    let Ok((200, body)) = super::echo::http_get(admin, "/certs").await else {
+        return "ready".into();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let c = &v["certificates"][0];
+    format!(
+        "certificate {} serial {}.., expires {}",
+        c["identity"].as_str().unwrap_or("?"),
+        c["serial_number"]
+            .as_str()
+            .unwrap_or("?")
+            .chars()
+            .take(12)
+            .collect::<String>(),
+        c["not_after"].as_str().unwrap_or("?")
+    )
+}
+
+fn print_summary(snapshot: &MeshSnapshot, s: &UpState) {
+    println!();
+    let rows: Vec<[String; 6]> = s
+        .workloads
         .iter()
-        .map(|i| {
+        .map(|w| {
             [
-                i.key.clone(),
-                i.id.to_string(),
-                i.address.clone(),
-                i.ports.clone(),
-                i.serial.chars().take(16).collect(),
-                i.not_after.clone(),
+                w.workload.clone(),
+                w.identity.clone(),
+                w.address.clone(),
+                w.ports.join(" "),
+                w.admin.clone(),
+                w.app
+                    .clone()
+                    .map_or_else(|| "-".into(), |a| format!("echo on {a}")),
             ]
         })
         .collect();
-    let header = ["WORKLOAD", "IDENTITY", "ADDRESS", "PORTS (mTLS)", "SERIAL", "NOT AFTER"];
+    let header = [
+        "WORKLOAD",
+        "IDENTITY",
+        "ADDRESS",
+        "PORTS (mTLS)",
+        "SIDECAR ADMIN",
+        "APP",
+    ];
     print_table(&header, &rows);
     let policies = snapshot.authorization_policies.len()
         + snapshot.peer_authentications.len()
         + snapshot.request_authentications.len();
-    println!("\n{policies} security policies loaded from {}.", dir.display());
-    if let Some(first) = issued.first() {
-        let d = dir.display();
-        let state = root.parent().unwrap_or(Path::new(".")).display();
-        let (ns, sa) = first.id.workload().unwrap_or(("default", "default"));
-        println!("Try:");
-        println!("  palisade describe workload {} --config {d}", first.key);
-        println!("  palisade analyze --config {d}");
-        println!(
-            "  palisade token issue --state {state} --namespace {ns} --service-account {sa} > token"
-        );
-        println!(
-            "  palisade cert request --ca-addr {ca_addr} --ca-root {} --token-file token --out certs",
-            root.display()
-        );
+    println!(
+        "\n{policies} security policies from {}; logs in {}",
+        s.dir.display(),
+        s.logs.display()
+    );
+    let Some(first) = s.workloads.first() else {
+        return;
+    };
+    let state = s.state.display();
+    let demo = s.workloads.iter().find(|w| w.app.is_some());
+    println!("Try:");
+    if let Some(d) = demo
+        && let Some(port) = d.ports.first().and_then(|p| p.split([':', '/']).nth(1))
+    {
+        println!("  curl -s http://{}:{port}/hello", d.address);
     }
+    println!("  palisade status --state {state}");
+    println!(
+        "  palisade describe workload {} --admin {}",
+        first.workload, first.admin
+    );
+    println!("  curl -s http://{}/stats | grep rbac", first.admin);
+    println!(
+        "  grep 'enforced denied' {}/sidecar-*.log",
+        s.logs.display()
+    );
 }
 
 /// Prints rows under a header, columns padded to their widest cell.
@@ -257,12 +585,230 @@ pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N
 }
 
 /// A per-directory state path, so that two meshes never share a CA by accident.
-fn default_state_dir(dir: &Path) -> PathBuf {
+pub(crate) fn default_state_dir(dir: &Path) -> PathBuf {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let name: String = canonical
         .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    std::env::temp_dir().join("palisade-up").join(name.trim_matches('-'))
+    std::env::temp_dir()
+        .join("palisade-up")
+        .join(name.trim_matches('-'))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervision
+
+/// Which lines of a child's output `up` repeats on its own stderr (all go to the log file).
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    Error,
+    WarnAndError,
+}
+
+impl Report {
+    fn wants(self, line: &str) -> bool {
+        match self {
+            Report::Error => line.contains(" ERROR "),
+            Report::WarnAndError => line.contains(" ERROR ") || line.contains(" WARN "),
+        }
+    }
+}
+
+type Hook = Arc<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+
+struct ChildSpec {
+    /// For humans: "sidecar backend/ratings".
+    name: String,
+    exe: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    pid_file: PathBuf,
+    report: Report,
+    /// Runs before every start (e.g. a fresh token).
+    before_start: Option<Hook>,
+}
+
+/// Backoff between restarts: doubles from 200 ms to 5 s; reset after a minute of good health.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// Runs `spec` until `stop` turns true, restarting it whenever it exits.
+async fn supervise(spec: ChildSpec, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut starts = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Some(hook) = &spec.before_start
+            && let Err(e) = hook()
+        {
+            eprintln!("[{}] cannot prepare a start: {e:#}", spec.name);
+        }
+        let started = Instant::now();
+        let mut child = match spawn(&spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("[{}] cannot start: {e:#}", spec.name);
+                if sleep_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        starts += 1;
+        let pid = child.id().unwrap_or(0);
+        let _ = std::fs::write(&spec.pid_file, format!("{pid}\n"));
+        if starts > 1 {
+            eprintln!("[{}] restarted (pid {pid})", spec.name);
+        }
+        let status = tokio::select! {
+            s = child.wait() => s,
+            () = stopped(&mut stop) => {
+                terminate(&mut child).await;
+                let _ = std::fs::remove_file(&spec.pid_file);
+                return;
+            }
+        };
+        let _ = std::fs::remove_file(&spec.pid_file);
+        if *stop.borrow() {
+            return;
+        }
+        if started.elapsed() > HEALTHY_AFTER {
+            backoff = BACKOFF_MIN;
+        }
+        let how = match status {
+            Ok(s) => describe_exit(s),
+            Err(e) => e.to_string(),
+        };
+        eprintln!(
+            "[{}] exited ({how}); restarting in {:.1}s (log: {})",
+            spec.name,
+            backoff.as_secs_f32(),
+            spec.log.display()
+        );
+        if sleep_or_stop(&mut stop, backoff).await {
+            return;
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Re-issues every sidecar's token once a day, well within [`TOKEN_TTL`].
+async fn refresh_tokens(refreshers: Vec<Hook>, mut stop: watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(24 * 3600);
+    while !sleep_or_stop(&mut stop, EVERY).await {
+        for r in &refreshers {
+            if let Err(e) = r() {
+                eprintln!("cannot refresh a service-account token: {e:#}");
+            }
+        }
+    }
+}
+
+/// Sleeps `d`; true when asked to stop meanwhile.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = stopped(stop) => true,
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        if let Some(sig) = s.signal() {
+            return format!("killed by signal {sig}");
+        }
+    }
+    s.code()
+        .map_or_else(|| s.to_string(), |c| format!("exit code {c}"))
+}
+
+async fn spawn(spec: &ChildSpec) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&spec.exe);
+    cmd.args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A child never outlives the `Child` handle, whatever happens to `up`'s tasks.
+        .kill_on_drop(true);
+    // Children log at info to their files unless the user chose a level.
+    if std::env::var_os("PALISADE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("PALISADE_LOG", "info");
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    // Their own process group: a terminal's Ctrl-C reaches `up` only, which stops them in order.
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {}", spec.exe.display()))?;
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .await
+        .with_context(|| format!("opening {}", spec.log.display()))?;
+    let log = Arc::new(tokio::sync::Mutex::new(log));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(tee(out, Arc::clone(&log), spec.name.clone(), None));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(tee(err, log, spec.name.clone(), Some(spec.report)));
+    }
+    Ok(child)
+}
+
+/// Copies a child's output lines into its log file, repeating the ones `report` wants.
+async fn tee(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    log: Arc<tokio::sync::Mutex<tokio::fs::File>>,
+    name: String,
+    report: Option<Report>,
+) {
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if report.is_some_and(|r| r.wants(&line)) {
+            eprintln!("[{name}] {line}");
+        }
+        let mut f = log.lock().await;
+        let _ = f.write_all(line.as_bytes()).await;
+        let _ = f.write_all(b"\n").await;
+    }
+    let _ = log.lock().await.flush().await;
+}
+
+/// Asks a child to stop (SIGTERM via `kill`, so it can close its listeners), then kills it.
+async fn terminate(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(3), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }

@@ -55,14 +55,27 @@ impl Mesh {
         let mut cmd = Command::new(PALISADE);
         cmd.args(["controlplane", "--state"])
             .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--xds-listen", "127.0.0.1:0", "--config"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--xds-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(&config);
         let mut cp = ChildGuard::spawn("controlplane", cmd, dir.path());
-        let (ca, xds) = wait_for("the control plane's CA and ADS ports", Duration::from_secs(30), async || {
-            assert!(cp.running(), "control plane exited:\n{}", cp.stderr_text());
-            let out = cp.stdout_text();
-            Some((line_addr(&out, "CA listening on")?, line_addr(&out, "ADS listening on")?))
-        })
+        let (ca, xds) = wait_for(
+            "the control plane's CA and ADS ports",
+            Duration::from_secs(30),
+            async || {
+                assert!(cp.running(), "control plane exited:\n{}", cp.stderr_text());
+                let out = cp.stdout_text();
+                Some((
+                    line_addr(&out, "CA listening on")?,
+                    line_addr(&out, "ADS listening on")?,
+                ))
+            },
+        )
         .await;
         Self {
             dir,
@@ -113,7 +126,11 @@ impl Mesh {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(status.status.success(), "cert request: {}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "cert request: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let chain = std::fs::read(out.join("cert-chain.pem")).unwrap();
         let key = std::fs::read(out.join("key.pem")).unwrap();
         Svid::from_pem(&chain, &key).unwrap()
@@ -125,20 +142,40 @@ impl Mesh {
         let name = workload.replace('/', "-");
         let ready = self.dir.path().join(format!("{name}.ready"));
         let mut cmd = Command::new(PALISADE);
-        cmd.args(["sidecar", "--workload", workload, "--control-plane", &self.ca, "--xds-address", &self.xds])
-            .arg("--ca-root")
-            .arg(self.root())
-            .arg("--token-file")
-            .arg(&token)
-            .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--ready-file"])
-            .arg(&ready)
-            .args(args)
-            .env("PALISADE_LOG", "info");
+        cmd.args([
+            "sidecar",
+            "--workload",
+            workload,
+            "--control-plane",
+            &self.ca,
+            "--xds-address",
+            &self.xds,
+        ])
+        .arg("--ca-root")
+        .arg(self.root())
+        .arg("--token-file")
+        .arg(&token)
+        .args([
+            "--admin",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .args(args)
+        .env("PALISADE_LOG", "info");
         Sidecar::wait(ChildGuard::spawn(&name, cmd, self.dir.path()), &ready, None).await
     }
 
     /// `palisade agent` + `palisade proxy` (certificates over the SDS socket).
-    pub async fn agent_and_proxy(&self, workload: &str, ns: &str, sa: &str, args: &[String]) -> Sidecar {
+    pub async fn agent_and_proxy(
+        &self,
+        workload: &str,
+        ns: &str,
+        sa: &str,
+        args: &[String],
+    ) -> Sidecar {
         let token = self.token(ns, sa);
         let name = workload.replace('/', "-");
         let sds = self.dir.path().join(format!("{name}.sock"));
@@ -155,15 +192,33 @@ impl Mesh {
         let agent = ChildGuard::spawn(&format!("{name}-agent"), cmd, self.dir.path());
         let ready = self.dir.path().join(format!("{name}.ready"));
         let mut cmd = Command::new(PALISADE);
-        cmd.args(["proxy", "--workload", workload, "--control-plane", &self.xds, "--ca-root"])
-            .arg(self.root())
-            .arg("--sds-socket")
-            .arg(&sds)
-            .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--ready-file"])
-            .arg(&ready)
-            .args(args)
-            .env("PALISADE_LOG", "info");
-        Sidecar::wait(ChildGuard::spawn(&name, cmd, self.dir.path()), &ready, Some(agent)).await
+        cmd.args([
+            "proxy",
+            "--workload",
+            workload,
+            "--control-plane",
+            &self.xds,
+            "--ca-root",
+        ])
+        .arg(self.root())
+        .arg("--sds-socket")
+        .arg(&sds)
+        .args([
+            "--admin",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .args(args)
+        .env("PALISADE_LOG", "info");
+        Sidecar::wait(
+            ChildGuard::spawn(&name, cmd, self.dir.path()),
+            &ready,
+            Some(agent),
+        )
+        .await
     }
 }
 
@@ -178,10 +233,19 @@ pub struct Sidecar {
 
 impl Sidecar {
     async fn wait(mut proc: ChildGuard, ready: &Path, agent: Option<ChildGuard>) -> Self {
-        let doc: Value = wait_for("the sidecar's ready file", Duration::from_secs(30), async || {
-            assert!(proc.running(), "sidecar {} exited:\n{}", proc.name, proc.stderr_text());
-            serde_json::from_str(&std::fs::read_to_string(ready).ok()?).ok()
-        })
+        let doc: Value = wait_for(
+            "the sidecar's ready file",
+            Duration::from_secs(30),
+            async || {
+                assert!(
+                    proc.running(),
+                    "sidecar {} exited:\n{}",
+                    proc.name,
+                    proc.stderr_text()
+                );
+                serde_json::from_str(&std::fs::read_to_string(ready).ok()?).ok()
+            },
+        )
         .await;
         let s = |v: &Value| v.as_str().unwrap().to_owned();
         Self {
@@ -225,27 +289,33 @@ impl Echo {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                        }
-                        let xfcc: Vec<String> = req
-                            .headers()
-                            .get_all("x-forwarded-client-cert")
-                            .iter()
-                            .map(|v| v.to_str().unwrap_or("").to_owned())
-                            .collect();
-                        let body = serde_json::json!({
-                            "method": req.method().as_str(),
-                            "path": req.uri().path(),
-                            "host": req.headers().get("host").and_then(|h| h.to_str().ok()),
-                            "version": format!("{:?}", req.version()),
-                            "xfcc": xfcc,
-                        });
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body.to_string()))))
-                    });
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(1500)).await;
+                            }
+                            let xfcc: Vec<String> = req
+                                .headers()
+                                .get_all("x-forwarded-client-cert")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("").to_owned())
+                                .collect();
+                            let body = serde_json::json!({
+                                "method": req.method().as_str(),
+                                "path": req.uri().path(),
+                                "host": req.headers().get("host").and_then(|h| h.to_str().ok()),
+                                "version": format!("{:?}", req.version()),
+                                "xfcc": xfcc,
+                            });
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                                body.to_string(),
+                            ))))
+                        },
+                    );
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -278,7 +348,9 @@ impl TcpEcho {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut tcp, _)) = listener.accept().await else { return };
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let (mut r, mut w) = tcp.split();
                     let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -300,11 +372,18 @@ impl Drop for TcpEcho {
 }
 
 /// How a test client reaches a sidecar's inbound port.
+// A handful of values per test: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Transport {
     Plain,
     /// Mutual TLS with this client certificate; the server must be `server`.
-    Mtls { cert: Svid, server: SpiffeId, bundle: TrustBundle, alpn: Vec<Vec<u8>> },
+    Mtls {
+        cert: Svid,
+        server: SpiffeId,
+        bundle: TrustBundle,
+        alpn: Vec<Vec<u8>>,
+    },
 }
 
 impl Transport {
@@ -319,7 +398,12 @@ impl Transport {
 
     pub fn without_alpn(self) -> Self {
         match self {
-            Transport::Mtls { cert, server, bundle, .. } => Transport::Mtls {
+            Transport::Mtls {
+                cert,
+                server,
+                bundle,
+                ..
+            } => Transport::Mtls {
                 cert,
                 server,
                 bundle,
@@ -352,14 +436,22 @@ pub async fn connect(addr: &str, t: &Transport) -> std::io::Result<Box<dyn Io>> 
             .unwrap();
             cfg.alpn_protocols = alpn.clone();
             let name = rustls::pki_types::ServerName::try_from("workload.local").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await?;
             Ok(Box::new(tls))
         }
     }
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`); status and body.
-pub async fn http1(addr: &str, t: &Transport, method: &str, target: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+pub async fn http1(
+    addr: &str,
+    t: &Transport,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(10), connect(addr, t))
         .await
         .map_err(|_| std::io::Error::other("connect timed out"))??;
@@ -374,15 +466,21 @@ pub async fn http1(addr: &str, t: &Transport, method: &str, target: &str, header
         .await
         .map_err(|_| std::io::Error::other("response timed out"))??;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("no response: {text:?}")))?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("no response: {text:?}"),
+        )
+    })?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -393,7 +491,9 @@ pub async fn http1(addr: &str, t: &Transport, method: &str, target: &str, header
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -422,16 +522,22 @@ pub fn echo_json(body: &str) -> Value {
 /// HTTP/2 (prior knowledge) client to `addr`.
 pub async fn h2_client(addr: &str) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     send
 }
 
 /// Sends one HTTP/2 request; status and body.
-pub async fn h2_get(send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, uri: &str) -> (u16, String) {
-    let req = http::Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+pub async fn h2_get(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    uri: &str,
+) -> (u16, String) {
+    let req = http::Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
