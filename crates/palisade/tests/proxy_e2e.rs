@@ -116,7 +116,14 @@ async fn inbound_modes_and_authorization() {
     let p8082 = format!("{addr}:8082");
 
     // (what, port, transport, method, path, expected status; None = no HTTP response at all)
-    type Case<'a> = (&'a str, &'a str, &'a Transport, &'a str, &'a str, Option<u16>);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a Transport,
+        &'a str,
+        &'a str,
+        Option<u16>,
+    );
     let table: Vec<Case> = vec![
         (
             "principal + method + path allowed",

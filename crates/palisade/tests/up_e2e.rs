@@ -518,3 +518,35 @@ async fn survives_a_sidecar_and_the_control_plane_dying_under_traffic() {
         assert!(!alive(pid), "process {pid} outlived `palisade up`");
     }
 }
+
+#[test]
+fn an_invalid_directory_reports_every_error_and_starts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bookinfo");
+    copy_example(&dir, "127.0.22.");
+    // Two mistakes in two files: both are reported, in one run.
+    std::fs::write(
+        dir.join("bad-1.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad-action, namespace: backend}\nspec: {action: MAYBE}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad-2.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: bad-mode, namespace: backend}\nspec: {mtls: {mode: SOMETIMES}}\n",
+    )
+    .unwrap();
+    let state = tmp.path().join("state");
+    let out = Command::new(PALISADE)
+        .arg("up")
+        .arg(&dir)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for needle in ["bad-1.yaml", "MAYBE", "bad-2.yaml", "SOMETIMES"] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+    assert!(!state.join("run").exists(), "nothing was started");
+}
