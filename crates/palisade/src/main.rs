@@ -32,7 +32,7 @@ enum LogFormat {
 enum Command {
     /// Run a whole mesh from one directory on this machine (control plane, identities, sidecars).
     Up(cmd::up::Args),
-    /// Run the control plane: the CA (IstioCertificateService) and, later, config push.
+    /// Run the control plane: the CA and, with --config, per-workload config push over ADS.
     Controlplane(cmd::controlplane::Args),
     /// Service-account tokens, as the Kubernetes API server would issue them.
     #[command(subcommand)]

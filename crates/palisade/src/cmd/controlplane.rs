@@ -1,5 +1,6 @@
 //! `palisade controlplane`: runs the CA (IstioCertificateService over TLS) from a state
-//! directory and an optional `mesh.yaml`. Later issues add config push.
+//! directory and an optional `mesh.yaml`, and with `--config DIR` watches the mesh directory and
+//! pushes each workload's config to its proxy over ADS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
