@@ -21,10 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shared;
 use crate::authz::{Outcome, authorize};
+use crate::ext_authz::body::RequestBody;
 use crate::sniff::{Protocol, detect};
 
-/// The client the proxy uses to reach its application (pooled HTTP/1.1 on loopback).
-pub type AppClient = Client<HttpConnector, Incoming>;
+/// The client the proxy uses to reach its application (pooled HTTP/1.1 on loopback). Request
+/// bodies stream through unless an authorizer wanted them read ahead.
+pub type AppClient = Client<HttpConnector, RequestBody>;
 /// Response bodies: the upstream's, or one generated here.
 pub type Body = Either<Incoming, Full<Bytes>>;
 
@@ -261,15 +263,16 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-async fn request(shared: &Shared, info: &ConnInfo, mut req: Request<Incoming>) -> Response<Body> {
+async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let Some(cfg) = shared.config.load_full() else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
     };
     let Some(port) = cfg.inbound_port(info.port) else {
         return text_response(StatusCode::NOT_FOUND, "no such port\n");
     };
+    let mut req = req.map(RequestBody::Streaming);
     // CUSTOM (ext_authz) then JWT authentication; see `ext_authz::gate`.
-    let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &req).await {
+    let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &mut req).await {
         Ok(g) => g,
         Err(refused) => return refused,
     };

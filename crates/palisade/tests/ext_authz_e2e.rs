@@ -10,10 +10,12 @@ mod agent_mesh;
 #[path = "common/mesh.rs"]
 mod mesh;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use agent_mesh::{ChildGuard, PALISADE, wait_for};
+use http_body_util::BodyExt as _;
 use mesh::{Mesh, Transport};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,8 +62,9 @@ async fn header_echo() -> (u16, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     |req: http::Request<hyper::body::Incoming>| async move {
-                        let headers: serde_json::Map<String, Value> = req
-                            .headers()
+                        let (parts, body) = req.into_parts();
+                        let headers: serde_json::Map<String, Value> = parts
+                            .headers
                             .iter()
                             .map(|(k, v)| {
                                 (
@@ -70,8 +73,17 @@ async fn header_echo() -> (u16, tokio::task::JoinHandle<()>) {
                                 )
                             })
                             .collect();
-                        let body =
-                            json!({"path": req.uri().path(), "headers": headers}).to_string();
+                        let received = body.collect().await.map(|b| b.to_bytes());
+                        let received = match &received {
+                            Ok(b) => String::from_utf8_lossy(b).into_owned(),
+                            Err(e) => format!("<body error: {e}>"),
+                        };
+                        let body = json!({
+                            "path": parts.uri.path(),
+                            "headers": headers,
+                            "body": received,
+                        })
+                        .to_string();
                         Ok::<_, std::convert::Infallible>(http::Response::new(
                             http_body_util::Full::new(bytes::Bytes::from(body)),
                         ))
@@ -109,16 +121,23 @@ async fn slow_authorizer() -> (u16, tokio::task::JoinHandle<()>) {
 }
 
 async fn get(addr: &str, target: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "GET {target} HTTP/1.1\r\nHost: {addr}\r\nx-user: alice\r\nx-secret: s3\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
+    exchange(addr, req.as_bytes()).await
+}
+
+/// Sends one raw HTTP/1.1 request; returns status, lowercase head and body.
+async fn exchange(addr: &str, req: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+    // A server that answers before reading the whole body may reset the connection after its
+    // answer: keep what arrived.
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
-        .unwrap()
         .unwrap();
+    assert!(read.is_ok() || !raw.is_empty(), "{read:?}");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -133,22 +152,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn custom_authorization_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.rego");
-    std::fs::write(&policy, POLICY).unwrap();
+/// `palisade ext-authz --policy FILE` on free ports: the guard and the gRPC and HTTP ports.
+async fn start_authorizer(policy: &Path, dir: &Path) -> (ChildGuard, u16, u16) {
     let mut cmd = Command::new(PALISADE);
-    cmd.args(["ext-authz", "--policy"]).arg(&policy).args([
+    cmd.args(["ext-authz", "--policy"]).arg(policy).args([
         "--grpc-listen",
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
     ]);
-    let mut authz = ChildGuard::spawn("ext-authz", cmd, dir.path());
+    let mut authz = ChildGuard::spawn("ext-authz", cmd, dir);
     let line = |text: &str, marker: &str| {
-        text.lines()
-            .find_map(|l| l.split_once(marker).map(|(_, a)| a.trim().to_owned()))
+        text.lines().find_map(|l| {
+            let (_, a) = l.split_once(marker)?;
+            a.trim().rsplit_once(':')?.1.parse::<u16>().ok()
+        })
     };
     let (grpc, http) = wait_for(
         "the authorizer's ports",
@@ -167,7 +185,15 @@ async fn custom_authorization_end_to_end() {
         },
     )
     .await;
-    let port_of = |a: &str| a.rsplit_once(':').unwrap().1.to_owned();
+    (authz, grpc, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_authorization_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.rego");
+    std::fs::write(&policy, POLICY).unwrap();
+    let (_authz, grpc, http) = start_authorizer(&policy, dir.path()).await;
     let (slow, _slow_task) = slow_authorizer().await;
     let down = free_port();
 
@@ -192,10 +218,10 @@ extensionProviders:
 - name: down
   envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {down}, timeout: 1s, statusOnError: "503"}}
 "#,
-        g = port_of(&grpc),
-        h = port_of(&http),
+        g = grpc,
+        h = http,
     );
-    let addr = "127.0.22.1";
+    let addr = "127.0.32.1";
     let custom = |name: &str, provider: &str, paths: &str| {
         format!(
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: authz}}\nspec:\n  action: CUSTOM\n  provider: {{name: {provider}}}\n  rules: [{{to: [{{operation: {{paths: {paths}}}}}]}}]\n"
@@ -348,6 +374,327 @@ extensionProviders:
     let log = sidecar.stderr();
     assert!(
         log.contains("enforced denied by CUSTOM provider rego-grpc"),
+        "{log}"
+    );
+}
+
+const BODY_POLICY: &str = r#"
+package envoy.authz
+
+import rego.v1
+
+http := input.attributes.request.http
+
+# Tell the app what the authorizer saw: the body and whether it was cut.
+allow := {"allowed": true, "headers": {
+    "x-seen-body": http.body,
+    "x-seen-partial": object.get(http.headers, "x-envoy-auth-partial-body", "false"),
+}}
+"#;
+
+/// What the authorizer saw, as the app was told: the body and the partial flag.
+type Seen = Option<(&'static str, &'static str)>;
+const SMALL: &str = "hello body";
+const BIG: &str = "0123456789abcdefghij";
+
+fn post(addr: &str, path: &str, body: &str, chunked: bool) -> Vec<u8> {
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if chunked {
+        // Several chunks, so the body arrives in more than one frame.
+        req.push_str("Transfer-Encoding: chunked\r\n\r\n");
+        for part in body.as_bytes().chunks(7000) {
+            req.push_str(&format!(
+                "{:x}\r\n{}\r\n",
+                part.len(),
+                String::from_utf8_lossy(part)
+            ));
+        }
+        req.push_str("0\r\n\r\n");
+    } else {
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    }
+    req.into_bytes()
+}
+
+/// `includeRequestBodyInCheck`: the authorizers (gRPC and HTTP) get the body up to
+/// maxRequestBytes, the app always the whole body; over the limit is 413 unless
+/// allowPartialMessage, which sends the first maxRequestBytes marked partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_in_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.rego");
+    std::fs::write(&policy, BODY_POLICY).unwrap();
+    let (_authz, grpc, http) = start_authorizer(&policy, dir.path()).await;
+    let mesh_yaml = format!(
+        r#"trustDomain: cluster.local
+extensionProviders:
+- name: grpc-whole
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc}
+    timeout: 5s
+    includeRequestBodyInCheck: {{maxRequestBytes: 16}}
+- name: grpc-partial
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc}
+    timeout: 5s
+    includeRequestBodyInCheck: {{maxRequestBytes: 8, allowPartialMessage: true}}
+- name: http-whole
+  envoyExtAuthzHttp:
+    service: 127.0.0.1
+    port: {http}
+    timeout: 5s
+    headersToUpstreamOnAllow: [x-seen-*]
+    includeRequestBodyInCheck: {{maxRequestBytes: 16}}
+- name: http-partial
+  envoyExtAuthzHttp:
+    service: 127.0.0.1
+    port: {http}
+    timeout: 5s
+    headersToUpstreamOnAllow: [x-seen-*]
+    includeRequestBodyInCheck: {{maxRequestBytes: 8, allowPartialMessage: true}}
+"#
+    );
+    let addr = "127.0.31.1";
+    let mut files = format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: api, namespace: body}}\nspec: {{address: {addr}, serviceAccount: api, ports: {{http: 8080}}}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: api, namespace: body}}\nspec: {{mtls: {{mode: PERMISSIVE}}}}\n"
+    );
+    for (name, prefix) in [
+        ("grpc-whole", "/gw/*"),
+        ("grpc-partial", "/gp/*"),
+        ("http-whole", "/hw/*"),
+        ("http-partial", "/hp/*"),
+    ] {
+        files.push_str(&format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: body}}\nspec:\n  action: CUSTOM\n  provider: {{name: {name}}}\n  rules: [{{to: [{{operation: {{paths: [\"{prefix}\"]}}}}]}}]\n"
+        ));
+    }
+    let mesh = Mesh::start(&[("mesh.yaml", &mesh_yaml), ("workloads.yaml", &files)]).await;
+    let (app_port, _app) = header_echo().await;
+    let sidecar = mesh
+        .sidecar(
+            "body/api",
+            "body",
+            "api",
+            &["--app-port".to_owned(), format!("8080={app_port}")],
+        )
+        .await;
+    let target = format!("{addr}:8080");
+
+    let huge: String = (0..40_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    // (what, path, body, chunked, status, what the authorizer saw: body and partial flag)
+    let cases: Vec<(&str, &str, &str, bool, u16, Seen)> = vec![
+        (
+            "gRPC fits",
+            "/gw/x",
+            SMALL,
+            false,
+            200,
+            Some((SMALL, "false")),
+        ),
+        ("gRPC over", "/gw/x", BIG, false, 413, None),
+        (
+            "gRPC over, partial",
+            "/gp/x",
+            BIG,
+            false,
+            200,
+            Some(("01234567", "true")),
+        ),
+        (
+            "gRPC chunked, partial",
+            "/gp/x",
+            &huge,
+            true,
+            200,
+            Some(("abcdefgh", "true")),
+        ),
+        (
+            "gRPC chunked, fits",
+            "/gw/x",
+            SMALL,
+            true,
+            200,
+            Some((SMALL, "false")),
+        ),
+        ("gRPC no body", "/gw/x", "", false, 200, Some(("", "false"))),
+        (
+            "HTTP fits",
+            "/hw/x",
+            SMALL,
+            false,
+            200,
+            Some((SMALL, "false")),
+        ),
+        ("HTTP over", "/hw/x", BIG, false, 413, None),
+        (
+            "HTTP over, partial",
+            "/hp/x",
+            BIG,
+            false,
+            200,
+            Some(("01234567", "true")),
+        ),
+        ("HTTP chunked, over", "/hw/x", &huge, true, 413, None),
+        (
+            "no CUSTOM policy: streamed",
+            "/other",
+            &huge,
+            true,
+            200,
+            None,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, path, body, chunked, status, seen) in &cases {
+        let (s, _, resp) = exchange(&target, &post(&target, path, body, *chunked)).await;
+        if s != *status {
+            failures.push(format!("{what}: want {status}, got {s} {resp:?}"));
+            continue;
+        }
+        if *status != 200 {
+            continue;
+        }
+        let echo: Value = serde_json::from_str(&resp).unwrap();
+        // The app gets the whole body, whatever the authorizer saw.
+        if echo["body"] != *body {
+            failures.push(format!(
+                "{what}: the app got {} bytes, want {}",
+                echo["body"].as_str().map_or(0, str::len),
+                body.len()
+            ));
+        }
+        let got = (
+            echo["headers"]["x-seen-body"].as_str(),
+            echo["headers"]["x-seen-partial"].as_str(),
+        );
+        let want = seen.map_or((None, None), |(b, p)| (Some(b), Some(p)));
+        if got != want {
+            failures.push(format!("{what}: the authorizer saw {got:?}, want {want:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n--- sidecar log:\n{}",
+        failures.join("\n"),
+        sidecar.stderr()
+    );
+}
+
+/// `examples/ext-authz` as shipped: its policy.rego in a real `palisade ext-authz`, its YAML
+/// files in the control plane (only the authorizer's port and the workload address moved), and
+/// the README's requests through a real sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_directory() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ext-authz");
+    let dir = tempfile::tempdir().unwrap();
+    let (authz, grpc, _) = start_authorizer(&example.join("policy.rego"), dir.path()).await;
+    let addr = "127.0.31.2";
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&example).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            if name == "mesh.yaml" {
+                assert!(text.contains("port: 9191"), "{text}");
+                text = text.replace("port: 9191", &format!("port: {grpc}"));
+            }
+            files.push((name, text.replace("127.0.30.1", addr)));
+        }
+    }
+    assert_eq!(files.len(), 3, "{files:?}");
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let mesh = Mesh::start(&refs).await;
+    let (app_port, _app) = header_echo().await;
+    let sidecar = mesh
+        .sidecar(
+            "shop/productpage",
+            "shop",
+            "productpage",
+            &["--app-port".to_owned(), format!("9080={app_port}")],
+        )
+        .await;
+    let target = format!("{addr}:9080");
+    let request = |method: &str, path: &str, user: Option<&str>| {
+        let user = user.map_or(String::new(), |u| format!("x-user: {u}\r\n"));
+        format!("{method} {path} HTTP/1.1\r\nHost: {target}\r\n{user}Connection: close\r\n\r\n")
+    };
+
+    // (method, path, x-user, status, body contains)
+    let cases = [
+        (
+            "GET",
+            "/productpage",
+            Some("alice"),
+            200,
+            "\"x-ext-authz-user\":\"alice\"",
+        ),
+        (
+            "GET",
+            "/productpage",
+            Some("bob"),
+            200,
+            "\"x-ext-authz-user\":\"bob\"",
+        ),
+        (
+            "POST",
+            "/productpage",
+            Some("alice"),
+            200,
+            "\"x-ext-authz-user\":\"alice\"",
+        ),
+        (
+            "POST",
+            "/productpage",
+            Some("bob"),
+            403,
+            "ext-authz: bob may not POST /productpage",
+        ),
+        (
+            "GET",
+            "/productpage",
+            Some("mallory"),
+            403,
+            "ext-authz: mallory may not GET",
+        ),
+        ("GET", "/productpage", None, 401, "who are you?"),
+        ("GET", "/healthz", None, 200, "\"path\":\"/healthz\""),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, user, status, needle) in cases {
+        let (s, head, body) = exchange(&target, request(method, path, user).as_bytes()).await;
+        let denied_header = head.contains("x-ext-authz: denied");
+        if s != status || !body.contains(needle) || denied_header != (status >= 400) {
+            failures.push(format!(
+                "{method} {path} as {user:?}: want {status} with {needle:?}, got {s} {head} {body:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n--- sidecar log:\n{}",
+        failures.join("\n"),
+        sidecar.stderr()
+    );
+
+    // The authorizer down: statusOnError 503, as the README says.
+    drop(authz);
+    let (s, _, body) = exchange(
+        &target,
+        request("GET", "/productpage", Some("alice")).as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    let log = sidecar.stderr();
+    assert!(
+        log.contains("enforced denied by CUSTOM provider rego-ext-authz"),
         "{log}"
     );
 }

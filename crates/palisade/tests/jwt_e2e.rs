@@ -203,7 +203,7 @@ async fn jwt_authentication_end_to_end() {
     // Issuer A's JWKS is up from the start; issuer B's is down at start.
     let srv_a = jwks_server(doc.clone(), true).await;
     let srv_b = jwks_server(doc, false).await;
-    let addr = "127.0.21.1";
+    let addr = "127.0.33.1";
     let files = format!(
         r#"
 apiVersion: networking.istio.io/v1

@@ -6,10 +6,10 @@
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use palisade_policy::{HttpAttributes, RequestContext};
 use serde_json::Value;
 
+use super::body::{RequestBody, buffer};
 use super::{AllowEffects, CheckInput, Decision};
 use crate::config::ProxyConfig;
 use crate::inbound::{Body, ConnInfo, Headers, host_of};
@@ -30,7 +30,7 @@ impl Gate {
 
     /// Request edits before forwarding to the app: output headers only the proxy may set, the
     /// JWT rule's outputs (and the token stripped unless forwarded), the authorizers' headers.
-    pub fn apply_upstream(&self, cfg: &ProxyConfig, req: &mut Request<Incoming>) {
+    pub fn apply_upstream<B>(&self, cfg: &ProxyConfig, req: &mut Request<B>) {
         if !cfg.jwt.is_empty() {
             cfg.jwt.strip_output_headers(req.headers_mut());
             if let Some(v) = &self.jwt {
@@ -78,86 +78,122 @@ fn response(
     resp
 }
 
-/// CUSTOM, then JWT. `Err` is the answer to send instead of forwarding.
+/// The providers of the CUSTOM policies that match the request, in order.
+fn custom_providers<B>(cfg: &ProxyConfig, info: &ConnInfo, req: &Request<B>) -> Vec<String> {
+    let headers = Headers(req.headers());
+    let ctx = RequestContext {
+        port: info.port,
+        destination_ip: Some(info.local_ip),
+        source_ip: Some(info.source.ip()),
+        remote_ip: None,
+        peer_principal: info.principal.as_deref(),
+        sni: info.sni.as_deref(),
+        http: Some(HttpAttributes {
+            method: req.method().as_str(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            host: host_of(req),
+            headers: &headers,
+        }),
+        jwt: None,
+    };
+    // A bad request (400) is answered by the authorization step that follows.
+    cfg.policy
+        .evaluate(&ctx)
+        .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Asks the providers `names`; `Err` is the denial to send.
+async fn custom(
+    shared: &crate::Shared,
+    cfg: &ProxyConfig,
+    info: &ConnInfo,
+    req: &Request<RequestBody>,
+    names: &[&str],
+) -> Result<AllowEffects, Response<Body>> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let source_uri = info.principal.as_ref().map(|p| format!("spiffe://{p}"));
+    let own = shared.certs.tls().map(|s| s.own_id.to_string());
+    let input = CheckInput {
+        source: info.source,
+        destination: std::net::SocketAddr::new(info.local_ip, info.port),
+        source_principal: source_uri.as_deref(),
+        destination_principal: own.as_deref(),
+        method: req.method().as_str(),
+        path,
+        host: host_of(req),
+        scheme: "http",
+        protocol: if req.version() == http::Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
+        headers: req.headers(),
+        sni: info.sni.as_deref(),
+        body: req.body().head(),
+        body_truncated: req.body().has_more(),
+    };
+    match cfg.ext_authz.check(names, &input).await {
+        Decision::Allow(e) => Ok(e),
+        Decision::Deny(d) => {
+            tracing::info!(
+                target: "palisade::rbac",
+                workload = %cfg.workload,
+                port = info.port,
+                principal = info.principal.as_deref().unwrap_or("-"),
+                method = %req.method(),
+                path,
+                provider = %d.provider,
+                status = d.status.as_u16(),
+                reason = %d.reason,
+                "enforced denied by CUSTOM provider {}",
+                d.provider
+            );
+            Err(response(d.status, d.headers, d.body))
+        }
+    }
+}
+
+/// Reads the body ahead when an authorizer wants it: `req` keeps the whole body for the app.
+async fn read_ahead(req: &mut Request<RequestBody>, max: usize) -> Result<(), hyper::Error> {
+    let placeholder = RequestBody::Buffered(super::body::Buffered::default());
+    if let RequestBody::Streaming(b) = std::mem::replace(req.body_mut(), placeholder) {
+        *req.body_mut() = buffer(b, max).await?;
+    }
+    Ok(())
+}
+
+/// CUSTOM, then JWT. `Err` is the answer to send instead of forwarding. When a provider that
+/// applies wants the body, it is read ahead here (see [`super::body`]).
 pub async fn check(
     shared: &crate::Shared,
     cfg: &ProxyConfig,
     info: &ConnInfo,
-    req: &Request<Incoming>,
+    req: &mut Request<RequestBody>,
 ) -> Result<Gate, Response<Body>> {
+    let mut gate = Gate::default();
+    if !cfg.policy.providers().is_empty() {
+        let names = custom_providers(cfg, info, req);
+        if !names.is_empty() {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let wanted = cfg.ext_authz.body_bytes_wanted(&refs);
+            if wanted > 0
+                && let Err(e) = read_ahead(req, wanted).await
+            {
+                tracing::debug!(error = %e, "reading the request body for ext_authz failed");
+                return Err(response(
+                    StatusCode::BAD_REQUEST,
+                    Vec::new(),
+                    Bytes::from_static(b"Bad Request"),
+                ));
+            }
+            gate.effects = Some(custom(shared, cfg, info, req, &refs).await?);
+        }
+    }
+    let req = &*req;
     let outcome = cfg.jwt.authenticate(req.headers(), req.uri().query());
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let host = host_of(req);
-    let mut gate = Gate::default();
-    if !cfg.policy.providers().is_empty() {
-        // The context borrows non-`Sync` lookups: it must not live across the await below.
-        let names: Vec<String> = {
-            let headers = Headers(req.headers());
-            let ctx = RequestContext {
-                port: info.port,
-                destination_ip: Some(info.local_ip),
-                source_ip: Some(info.source.ip()),
-                remote_ip: None,
-                peer_principal: info.principal.as_deref(),
-                sni: info.sni.as_deref(),
-                http: Some(HttpAttributes {
-                    method: req.method().as_str(),
-                    path,
-                    host,
-                    headers: &headers,
-                }),
-                jwt: None,
-            };
-            // A bad request (400) is answered by the authorization step that follows.
-            cfg.policy
-                .evaluate(&ctx)
-                .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
-                .unwrap_or_default()
-        };
-        if !names.is_empty() {
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let source_uri = info.principal.as_ref().map(|p| format!("spiffe://{p}"));
-            let own = shared.certs.tls().map(|s| s.own_id.to_string());
-            let input = CheckInput {
-                source: info.source,
-                destination: std::net::SocketAddr::new(info.local_ip, info.port),
-                source_principal: source_uri.as_deref(),
-                destination_principal: own.as_deref(),
-                method: req.method().as_str(),
-                path,
-                host,
-                scheme: "http",
-                protocol: if req.version() == http::Version::HTTP_2 {
-                    "HTTP/2"
-                } else {
-                    "HTTP/1.1"
-                },
-                headers: req.headers(),
-                sni: info.sni.as_deref(),
-                body: None,
-                body_truncated: false,
-            };
-            match cfg.ext_authz.check(&refs, &input).await {
-                Decision::Allow(e) => gate.effects = Some(e),
-                Decision::Deny(d) => {
-                    tracing::info!(
-                        target: "palisade::rbac",
-                        workload = %cfg.workload,
-                        port = info.port,
-                        principal = info.principal.as_deref().unwrap_or("-"),
-                        method = %req.method(),
-                        path,
-                        provider = %d.provider,
-                        status = d.status.as_u16(),
-                        reason = %d.reason,
-                        "enforced denied by CUSTOM provider {}",
-                        d.provider
-                    );
-                    return Err(response(d.status, d.headers, d.body));
-                }
-            }
-        }
-    }
     match outcome {
         jwt::Outcome::NoToken => {}
         jwt::Outcome::Valid(v) => gate.jwt = Some(v),

@@ -12,6 +12,7 @@
 //! A provider that cannot be asked (error, timeout, unknown) is `failOpen` ? allow :
 //! `statusOnError` (default 403).
 
+pub mod body;
 pub mod gate;
 pub mod grpc;
 pub mod http;
@@ -52,7 +53,8 @@ pub struct CheckInput<'a> {
     pub sni: Option<&'a str>,
     /// The buffered request body (at most the provider's `maxRequestBytes`), when one was read.
     pub body: Option<&'a [u8]>,
-    /// True when `body` was cut at `maxRequestBytes`.
+    /// True when the client sent more than `body` (each provider also cuts `body` at its own
+    /// `maxRequestBytes`).
     pub body_truncated: bool,
 }
 
@@ -233,16 +235,22 @@ impl ExtAuthz {
                     reason: "extension provider is not defined".to_owned(),
                 });
             };
-            let body = input.body.map(|b| {
-                let max = p.common.max_request_bytes;
-                if b.len() > max { &b[..max] } else { b }
-            });
+            let max = p.common.max_request_bytes;
+            let body = input.body.filter(|_| max > 0);
+            let truncated = body.is_some_and(|b| input.body_truncated || b.len() > max);
+            if truncated && !p.common.allow_partial_message {
+                // Envoy's answer to a body over maxRequestBytes without allowPartialMessage.
+                return Decision::Deny(DenyResponse {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    headers: Vec::new(),
+                    body: Bytes::from_static(b"Payload Too Large"),
+                    provider: p.common.name.clone(),
+                    reason: format!("request body over maxRequestBytes ({max})"),
+                });
+            }
             let input = CheckInput {
-                body: body.filter(|_| p.common.max_request_bytes > 0),
-                body_truncated: input.body_truncated
-                    || input
-                        .body
-                        .is_some_and(|b| b.len() > p.common.max_request_bytes),
+                body: body.map(|b| &b[..b.len().min(max)]),
+                body_truncated: truncated,
                 ..*input
             };
             let answer = match &p.client {

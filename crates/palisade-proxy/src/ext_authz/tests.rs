@@ -420,7 +420,16 @@ async fn real_authorizers() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    let mut strict = grpc_p("grpc-strict", grpc_allow);
+    if let Some(g) = &mut strict.envoy_ext_authz_grpc {
+        g.include_request_body_in_check = Some(BodyInCheck {
+            max_request_bytes: 4,
+            allow_partial_message: false,
+            pack_as_bytes: false,
+        });
+    }
     let authz = ExtAuthz::build(&mesh(vec![
+        strict,
         grpc_p("grpc-allow", grpc_allow),
         grpc_p("grpc-deny", grpc_deny),
         http_p("http", http_addr.port(), false, None),
@@ -489,6 +498,35 @@ async fn real_authorizers() {
         Decision::Deny(_)
     ));
     assert_eq!(authz.body_bytes_wanted(&["http", "grpc-allow"]), 4);
+
+    // Over maxRequestBytes without allowPartialMessage: 413 before asking; a body that fits, or
+    // a provider that wants no body, is asked as usual.
+    let small = input(&h, Some(b"hey"));
+    let more_to_come = CheckInput {
+        body_truncated: true,
+        ..small
+    };
+    let cases: [(&[&str], &CheckInput<'_>, Option<StatusCode>); 4] = [
+        (&["grpc-strict"], &base, Some(StatusCode::PAYLOAD_TOO_LARGE)),
+        (
+            &["grpc-strict"],
+            &more_to_come,
+            Some(StatusCode::PAYLOAD_TOO_LARGE),
+        ),
+        (&["grpc-strict"], &small, None),
+        (&["http"], &more_to_come, None),
+    ];
+    for (names, input, want) in cases {
+        let got = match authz.check(names, input).await {
+            Decision::Allow(_) => None,
+            Decision::Deny(d) => Some(d.status),
+        };
+        assert_eq!(got, want, "{names:?} body {:?}", input.body);
+    }
+    let got = seen.0.lock().unwrap().pop().unwrap();
+    let http = got.attributes.unwrap().request.unwrap().http.unwrap();
+    assert_eq!(http.body, "hey");
+    assert!(!http.headers.contains_key("x-envoy-auth-partial-body"));
 }
 
 #[test]
