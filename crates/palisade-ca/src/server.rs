@@ -126,10 +126,25 @@ pub struct TlsConnectInfo {
     pub peer_identity: Option<SpiffeId>,
 }
 
-/// A handshaken TLS stream that tells tonic who is on the other end.
-struct TlsConn {
+/// A handshaken TLS stream that tells tonic who is on the other end. The control plane's ADS
+/// server serves over the same kind of connection.
+pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: TlsConnectInfo,
+}
+
+impl TlsConn {
+    /// Wraps a server-side TLS stream, reading the client's verified SPIFFE ID once.
+    pub fn new(stream: tokio_rustls::server::TlsStream<TcpStream>, remote: SocketAddr) -> Self {
+        let peer_identity = peer_spiffe_id(stream.get_ref().1.peer_certificates());
+        Self {
+            inner: stream,
+            info: TlsConnectInfo {
+                remote_addr: Some(remote),
+                peer_identity,
+            },
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -497,15 +512,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let peer_identity = peer_spiffe_id(stream.get_ref().1.peer_certificates());
-                    let conn = TlsConn {
-                        inner: stream,
-                        info: TlsConnectInfo {
-                            remote_addr: Some(remote),
-                            peer_identity,
-                        },
-                    };
-                    let _ = tx.send(Ok(conn)).await;
+                    let _ = tx.send(Ok(TlsConn::new(stream, remote))).await;
                 }
                 Ok(Err(e)) => {
                     metrics.handshake_failures.inc();

@@ -8,10 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -23,8 +20,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use palisade_identity::{CertSource, ClientAuth, SpiffeId, TrustBundle};
 use palisade_policy::MeshSnapshot;
 use palisade_xds::{NamePolicy, NoObserver, ResponseStream, SnapshotCache, StreamOptions};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
@@ -55,12 +51,8 @@ impl std::fmt::Debug for AdsServer {
     }
 }
 
-/// Who is on the other end of an ADS connection.
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    pub remote_addr: Option<SocketAddr>,
-    pub identity: Option<SpiffeId>,
-}
+/// Who is on the other end of an ADS connection (the same mTLS connection facts as the CA's).
+pub use palisade_ca::server::{TlsConn, TlsConnectInfo as PeerInfo};
 
 impl AdsServer {
     /// Serves `cache`; `mesh` (the watcher's snapshot channel) tells which workloads an
@@ -125,18 +117,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let identity =
-                        palisade_identity::peer_spiffe_id(stream.get_ref().1.peer_certificates());
-                    let info = PeerInfo {
-                        remote_addr: Some(remote),
-                        identity,
-                    };
-                    let _ = tx
-                        .send(Ok(TlsConn {
-                            inner: stream,
-                            info,
-                        }))
-                        .await;
+                    let _ = tx.send(Ok(TlsConn::new(stream, remote))).await;
                 }
                 Ok(Err(e)) => {
                     tracing::info!(peer = %remote, error = %e, "ADS TLS handshake failed")
@@ -158,7 +139,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let Some(id) = peer.as_ref().and_then(|p| p.identity.clone()) else {
+        let Some(id) = peer.as_ref().and_then(|p| p.peer_identity.clone()) else {
             return Err(Status::unauthenticated(
                 "a mesh client certificate is required",
             ));
@@ -200,54 +181,5 @@ impl AggregatedDiscoveryService for AdsServer {
         Err(Status::unimplemented(
             "delta ADS is not supported; use StreamAggregatedResources",
         ))
-    }
-}
-
-/// A handshaken TLS stream that tells tonic who is on the other end.
-struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
