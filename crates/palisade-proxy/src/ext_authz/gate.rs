@@ -177,8 +177,10 @@ pub async fn check(
         if !names.is_empty() {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let wanted = cfg.ext_authz.body_bytes_wanted(&refs);
+            // Both futures are large and rarely taken: boxed, they stay out of the per-request
+            // future, which the HTTP/2 server moves into a new task for every stream.
             if wanted > 0
-                && let Err(e) = read_ahead(req, wanted).await
+                && let Err(e) = Box::pin(read_ahead(req, wanted)).await
             {
                 tracing::debug!(error = %e, "reading the request body for ext_authz failed");
                 return Err(response(
@@ -187,7 +189,7 @@ pub async fn check(
                     Bytes::from_static(b"Bad Request"),
                 ));
             }
-            gate.effects = Some(custom(shared, cfg, info, req, &refs).await?);
+            gate.effects = Some(Box::pin(custom(shared, cfg, info, req, &refs)).await?);
         }
     }
     let req = &*req;
