@@ -10,12 +10,11 @@ mod agent_mesh;
 #[path = "common/mesh.rs"]
 mod mesh;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agent_mesh::{ChildGuard, PALISADE, wait_for};
+use agent_mesh::wait_for;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
@@ -143,54 +142,14 @@ fn b64(v: &Value) -> String {
 
 /// Starts the control plane like `Mesh::start`, with fast JWKS retries.
 async fn start_mesh(files: &[(&str, &str)]) -> Mesh {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("mesh");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("mesh.yaml"), mesh::MESH_YAML).unwrap();
-    for (name, text) in files {
-        std::fs::write(config.join(name), text).unwrap();
-    }
-    let state = dir.path().join("state");
-    let mut cmd = Command::new(PALISADE);
-    cmd.args(["controlplane", "--state"])
-        .arg(&state)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--xds-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&config)
-        .env("PALISADE_JWKS_RETRY", "200ms")
-        .env("PALISADE_JWKS_REFRESH", "500ms");
-    let mut cp = ChildGuard::spawn("controlplane", cmd, dir.path());
-    let line = |text: &str, marker: &str| {
-        text.lines()
-            .find_map(|l| l.split_once(marker).map(|(_, a)| a.trim().to_owned()))
-    };
-    let (ca, xds) = wait_for(
-        "the control plane's ports",
-        Duration::from_secs(30),
-        async || {
-            assert!(cp.running(), "control plane exited:\n{}", cp.stderr_text());
-            let out = cp.stdout_text();
-            Some((
-                line(&out, "CA listening on")?,
-                line(&out, "ADS listening on")?,
-            ))
-        },
+    Mesh::start_with_env(
+        files,
+        &[
+            ("PALISADE_JWKS_RETRY", "200ms"),
+            ("PALISADE_JWKS_REFRESH", "500ms"),
+        ],
     )
-    .await;
-    Mesh {
-        dir,
-        config,
-        state,
-        ca,
-        xds,
-        cp,
-    }
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,7 +130,8 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> 
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
+/// Status and body of a raw HTTP/1.1 response (chunked bodies decoded).
+pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let bad =
         |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{m}: {text:?}"));

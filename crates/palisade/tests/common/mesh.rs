@@ -43,6 +43,11 @@ fn line_addr(text: &str, marker: &str) -> Option<String> {
 impl Mesh {
     /// Writes `files` (name, YAML) into a fresh mesh directory and starts the control plane.
     pub async fn start(files: &[(&str, &str)]) -> Self {
+        Self::start_with_env(files, &[]).await
+    }
+
+    /// As [`Mesh::start`], with extra environment variables for the control plane.
+    pub async fn start_with_env(files: &[(&str, &str)], env: &[(&str, &str)]) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("mesh");
@@ -62,7 +67,8 @@ impl Mesh {
                 "127.0.0.1:0",
                 "--config",
             ])
-            .arg(&config);
+            .arg(&config)
+            .envs(env.iter().copied());
         let mut cp = ChildGuard::spawn("controlplane", cmd, dir.path());
         let (ca, xds) = wait_for(
             "the control plane's CA and ADS ports",
@@ -465,42 +471,7 @@ pub async fn http1(
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
         .map_err(|_| std::io::Error::other("response timed out"))??;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("no response: {text:?}"),
-        )
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    crate::agent_mesh::parse_response(&raw)
 }
 
 /// Writes `msg` on a fresh connection and reads the echo; `Err` when the proxy closes it.
