@@ -382,6 +382,9 @@ pub fn spawn_republisher(
     snapshots: watch::Receiver<Arc<MeshSnapshot>>,
 ) -> JoinHandle<()> {
     let mut changes = resolver.changes();
+    // Keys fetched between the first publish and this subscription would otherwise never be
+    // pushed (a new receiver treats the current value as seen): republish once up front.
+    changes.mark_changed();
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             let snapshot = snapshots.borrow().clone();
