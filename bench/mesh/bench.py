@@ -143,12 +143,13 @@ def http_get(host: str, port: int, path: str, method: str = "GET", host_header: 
 # /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process (all threads, exited ones included), in seconds. The
+    kernel keeps their sum exact (scheduler runtime) and splits it by tick samples."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def memory(pid: int) -> dict:
@@ -252,6 +253,8 @@ class Target:
 @dataclass
 class Ctx:
     palisade: Path
+    # The sidecar command: `palisade-sidecar` (the lean binary a sidecar ships) or `palisade sidecar`.
+    sidecar: list[str]
     envoy: Path
     work: Path
     procs: Procs
@@ -540,15 +543,15 @@ def start_envoy_pair(ctx: Ctx) -> Target:
 def start_palisade_pair(ctx: Ctx) -> Target:
     """Two `palisade sidecar` processes (agent + proxy in one process each): certificates from the
     same CA, config (workloads + the policy) pushed by the control plane over ADS."""
-    help_ = subprocess.run([str(ctx.palisade), "sidecar", "--help"], capture_output=True, text=True, timeout=30)
+    help_ = subprocess.run([*ctx.sidecar, "--help"], capture_output=True, text=True, timeout=30)
     if help_.returncode != 0:
-        raise Unavailable(f"`palisade sidecar` is not available: {tail(help_.stderr)}")
+        raise Unavailable(f"`{' '.join(ctx.sidecar)}` is not available: {tail(help_.stderr)}")
     procs = {}
     ready = {}
     for role in ("server", "client"):
         ready_file = ctx.work / f"palisade-{role}.ready"
         p = ctx.procs.start(f"palisade-{role}", [
-            str(ctx.palisade), "sidecar", "--workload", f"{NAMESPACE}/{role}",
+            *ctx.sidecar, "--workload", f"{NAMESPACE}/{role}",
             "--control-plane", ctx.cp_ca, "--xds-address", ctx.cp_xds,
             "--ca-root", str(ctx.root), "--token-file", str(issue_token(ctx, role)),
             "--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0",
@@ -647,7 +650,7 @@ CASES = [
 
 
 def measure(ctx: Ctx, t: Target, case: str, plan: Plan) -> dict:
-    before = {role: cpu_seconds(pid) for role, pid in t.sidecars.items()}
+    before = {role: cpu_times(pid) for role, pid in t.sidecars.items()}
     with MemorySampler({role: pid for role, pid in t.sidecars.items()}) as mem:
         if case == "c16":
             res = run_wrk(t, 16, plan.duration, "wrk-report.lua")
@@ -661,12 +664,16 @@ def measure(ctx: Ctx, t: Target, case: str, plan: Plan) -> dict:
             res = run_handshakes(ctx, t, plan.duration)
         else:
             raise ValueError(case)
-    after = {role: cpu_seconds(pid) for role, pid in t.sidecars.items()}
+    after = {role: cpu_times(pid) for role, pid in t.sidecars.items()}
     res["sidecars"] = {}
     for role in t.sidecars:
-        cpu = after[role] - before[role]
+        user = after[role][0] - before[role][0]
+        system = after[role][1] - before[role][1]
+        cpu = user + system
         res["sidecars"][role] = {
             "cpu_s": round(cpu, 3),
+            "cpu_user_s": round(user, 3),
+            "cpu_system_s": round(system, 3),
             "cpu_ms_per_1k": round(1000 * cpu / max(1, res["requests"]) * 1000, 4),
             "mem_peak_sampled_mib": {k: round(v, 2) for k, v in mem.peak[role].items()},
         }
@@ -844,6 +851,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--palisade", required=True, type=Path)
     ap.add_argument("--envoy", required=True, type=Path)
+    ap.add_argument("--sidecar", type=Path,
+                    help="the sidecar binary (default: palisade-sidecar beside --palisade, else `palisade sidecar`)")
     ap.add_argument("--work", required=True, type=Path, help="scratch directory (logs, configs, certs)")
     ap.add_argument("--out", required=True, type=Path, help="results JSON")
     ap.add_argument("--quick", action="store_true", help="one repeat, short runs")
@@ -855,6 +864,8 @@ def main() -> int:
     ap.add_argument("--envoy-upstream", choices=["h1", "h2"], default="h1",
                     help="protocol between the Envoy sidecars (h1: Istio's default)")
     ap.add_argument("--targets", default="direct,envoy,palisade")
+    ap.add_argument("--cases", default=",".join(c for c, _ in CASES),
+                    help="cases to run (default: all): " + ", ".join(c for c, _ in CASES))
     args = ap.parse_args()
 
     plan = Plan(
@@ -867,8 +878,10 @@ def main() -> int:
     )
     args.work.mkdir(parents=True, exist_ok=True)
     procs = Procs(args.work)
-    ctx = Ctx(palisade=args.palisade.resolve(), envoy=args.envoy.resolve(), work=args.work, procs=procs,
-              envoy_upstream=args.envoy_upstream)
+    lean = args.sidecar or args.palisade.resolve().parent / "palisade-sidecar"
+    sidecar = [str(lean.resolve())] if lean.is_file() else [str(args.palisade.resolve()), "sidecar"]
+    ctx = Ctx(palisade=args.palisade.resolve(), sidecar=sidecar, envoy=args.envoy.resolve(), work=args.work,
+              procs=procs, envoy_upstream=args.envoy_upstream)
 
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
@@ -877,6 +890,9 @@ def main() -> int:
         signal.signal(s, on_signal)
 
     wanted = args.targets.split(",")
+    cases = [(c, d) for c, d in CASES if c in args.cases.split(",")]
+    if not cases:
+        ap.error(f"--cases: none of {args.cases!r} is a case ({', '.join(c for c, _ in CASES)})")
     targets: dict[str, dict] = {}
     live: dict[str, Target] = {}
     runs: list[dict] = []
@@ -888,6 +904,7 @@ def main() -> int:
         "envoy_upstream": args.envoy_upstream,
         "versions": {
             "palisade": version([str(ctx.palisade), "--version"]),
+            "sidecar_command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(ctx.sidecar)),
             "envoy": version([str(ctx.envoy), "--version"]),
             "nginx": version(["nginx", "-v"]),
             "wrk": version(["wrk", "-v"]),
@@ -896,7 +913,7 @@ def main() -> int:
         "git": version(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
     }
     try:
-        print(f"bench: work dir {args.work}", flush=True)
+        print(f"bench: work dir {args.work}; Palisade sidecars: {meta['versions']['sidecar_command']}", flush=True)
         live["direct"] = start_nginx(ctx)
         targets["direct"] = {"available": True}
         start_mesh(ctx)
@@ -920,12 +937,12 @@ def main() -> int:
         for t in live.values():
             run_wrk(t, 64, 2, "wrk-report.lua")
 
-        total = plan.repeats * sum(1 for c, _ in CASES for t in live.values() if c != "handshake" or t.tls_server)
+        total = plan.repeats * sum(1 for c, _ in cases for t in live.values() if c != "handshake" or t.tls_server)
         i = 0
         # Interleaved: every repeat measures every case on every target, so drift (other
         # work on the machine) spreads over all targets instead of hitting one.
         for rep in range(plan.repeats):
-            for case, _ in CASES:
+            for case, _ in cases:
                 for name, t in live.items():
                     if case == "handshake" and not t.tls_server:
                         continue
@@ -940,6 +957,8 @@ def main() -> int:
                             lat = r["latency_us"]
                             extra = f" p50={lat['p50']}us p90={lat['p90']}us p99={lat['p99']}us late={r['paced']['late']}/{r['paced']['slots']}"
                         errs = f" errors={r['error_count']}" if r["error_count"] else ""
+                        for role, sc in r["sidecars"].items():
+                            extra += f" cpu/1k {role}={sc['cpu_ms_per_1k']:.0f}ms"
                         print(f"bench: [{i}/{total}] rep {rep + 1} {case:9} {name:8} {r['rps']:>10,.0f} req/s{extra}{errs}"
                               f"  (idle {quiet['idle']:.0%}{'' if quiet['quiet'] else ', NOT quiet'})", flush=True)
                     except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:

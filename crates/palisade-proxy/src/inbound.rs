@@ -325,7 +325,7 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
     }
     *req.version_mut() = http::Version::HTTP_11;
     drop(cfg);
-    match shared.app_client.request(req).await {
+    match shared.app_client().request(req).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             gate.apply_downstream(resp.headers_mut());

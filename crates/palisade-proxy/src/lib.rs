@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod sds;
 pub mod sniff;
+pub mod workers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -52,6 +53,9 @@ pub use palisade_policy::workload_config::{WORKLOAD_CONFIG_TYPE_URL, WorkloadCon
 /// The control plane's SPIFFE path (any trust domain of the bundle): the ADS server must
 /// present it.
 pub const CONTROL_PLANE_PATH: &str = "/ns/istio-system/sa/palisade-controlplane";
+
+/// Upstream authorities remembered as HTTP/2 speakers, at most.
+const MAX_H2_AUTHORITIES: usize = 4096;
 
 /// A declared outbound TCP upstream: the app connects to `listen`, the proxy to `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +80,8 @@ pub struct ProxyOptions {
     pub tcp_upstreams: Vec<TcpUpstream>,
     /// Written (JSON with the bound addresses) once the proxy serves.
     pub ready_file: Option<PathBuf>,
+    /// Worker threads of the data path (0: one per CPU, see [`workers`]).
+    pub concurrency: usize,
 }
 
 /// Starting the proxy failed.
@@ -88,6 +94,8 @@ pub enum ProxyError {
     },
     #[error("workload {0:?} must be namespace/name")]
     Workload(String),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// State shared by every task of one proxy.
@@ -101,8 +109,14 @@ pub struct Shared {
     pub registry: prometheus_client::registry::Registry,
     pub rbac_log: authz::RbacLog,
     pub ready: AtomicBool,
-    pub app_client: inbound::AppClient,
-    pub mesh_client: outbound::MeshClient,
+    /// The data path's threads.
+    pub workers: workers::Workers,
+    /// One pool to the application per worker (see [`Shared::app_client`]).
+    app_clients: Vec<inbound::AppClient>,
+    /// One set of pools to other workloads per worker.
+    mesh_pools: Vec<outbound::MeshPools>,
+    /// Upstream authorities whose connections negotiated HTTP/2 (see [`outbound::MeshPools`]).
+    h2_authorities: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Bound addresses of the inbound listeners.
     pub inbound_bound: std::sync::Mutex<Vec<SocketAddr>>,
 }
@@ -116,6 +130,47 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// The current worker's pool to the application: its connections live on this worker, so a
+    /// request and its upstream connection never wake another thread. Outside the workers
+    /// (tests driving a handler directly) the first pool.
+    pub fn app_client(&self) -> &inbound::AppClient {
+        let i = workers::current().unwrap_or(0);
+        &self.app_clients[i.min(self.app_clients.len() - 1)]
+    }
+
+    /// The current worker's pools to other workloads (see [`Shared::app_client`]).
+    pub fn mesh_pools(&self) -> &outbound::MeshPools {
+        let i = workers::current().unwrap_or(0);
+        &self.mesh_pools[i.min(self.mesh_pools.len() - 1)]
+    }
+
+    /// Whether connections to `authority` negotiated HTTP/2 (learnt by any worker).
+    pub fn speaks_h2(&self, authority: &str) -> bool {
+        self.h2_authorities
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(authority)
+    }
+
+    /// Records what a new connection to `authority` negotiated.
+    pub fn learn_h2(&self, authority: &str, h2: bool) {
+        if self.speaks_h2(authority) == h2 {
+            return;
+        }
+        let mut set = self
+            .h2_authorities
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if h2 {
+            // Bounded: past the cap an authority just keeps the ALPN-deciding pool.
+            if set.len() < MAX_H2_AUTHORITIES {
+                set.insert(authority.to_owned());
+            }
+        } else {
+            set.remove(authority);
+        }
+    }
+
     /// Installs a pushed config (compiled already by [`ProxyConfig::build`]).
     pub fn install(&self, mut cfg: ProxyConfig) {
         cfg.counters = self.metrics.decision_counters(&cfg.policy);
@@ -151,6 +206,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         .map_err(|cause| ProxyError::Bind { addr, cause })
 }
 
+/// A listener for the workers (std: each worker registers its own handle to it).
+fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
+    std::net::TcpListener::bind(addr).map_err(|cause| ProxyError::Bind { addr, cause })
+}
+
 impl Proxy {
     /// Binds the admin, outbound and TCP upstream listeners, then takes certificates from
     /// `certs` and config from the control plane; inbound listeners open with the first config.
@@ -166,21 +226,31 @@ impl Proxy {
             return Err(ProxyError::Workload(options.workload.clone()));
         }
         let admin_listener = bind(options.admin).await?;
-        let outbound_listener = bind(options.outbound).await?;
+        let outbound_listener = bind_std(options.outbound)?;
         let mut tcp_listeners = Vec::new();
         for up in &options.tcp_upstreams {
-            tcp_listeners.push((bind(up.listen).await?, up.clone()));
+            tcp_listeners.push((bind_std(up.listen)?, up.clone()));
         }
-        let local = |l: &TcpListener, a: SocketAddr| {
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|cause| ProxyError::Bind {
+                addr: options.admin,
+                cause,
+            })?;
+        let local = |l: &std::net::TcpListener, a: SocketAddr| {
             l.local_addr()
                 .map_err(|cause| ProxyError::Bind { addr: a, cause })
         };
-        let admin_addr = local(&admin_listener, options.admin)?;
         let outbound_addr = local(&outbound_listener, options.outbound)?;
         let tcp_addrs = tcp_listeners
             .iter()
             .map(|(l, u)| local(l, u.listen))
             .collect::<Result<Vec<_>, _>>()?;
+        let count = match options.concurrency {
+            0 => workers::default_count(),
+            n => n,
+        };
+        let workers = workers::Workers::start(count).map_err(ProxyError::Workers)?;
 
         let metrics = metrics::Metrics::default();
         let mut registry = prometheus_client::registry::Registry::default();
@@ -196,8 +266,12 @@ impl Proxy {
             registry,
             rbac_log: authz::RbacLog::default(),
             ready: AtomicBool::new(false),
-            app_client: inbound::app_client(),
-            mesh_client: outbound::mesh_client(weak.clone()),
+            app_clients: (0..workers.len()).map(|_| inbound::app_client()).collect(),
+            mesh_pools: (0..workers.len())
+                .map(|_| outbound::MeshPools::new(weak.clone()))
+                .collect(),
+            h2_authorities: std::sync::RwLock::default(),
+            workers,
             inbound_bound: std::sync::Mutex::new(Vec::new()),
         });
 
@@ -206,16 +280,25 @@ impl Proxy {
             Arc::clone(&shared),
             admin_listener,
         )));
-        tasks.push(tokio::spawn(outbound::serve_http(
-            Arc::clone(&shared),
-            outbound_listener,
-        )));
+        let on_workers = |what: SocketAddr, r: std::io::Result<Vec<JoinHandle<()>>>| {
+            r.map_err(|cause| ProxyError::Bind { addr: what, cause })
+        };
+        let s = Arc::clone(&shared);
+        tasks.extend(on_workers(
+            outbound_addr,
+            shared.workers.serve(outbound_listener, move |l| {
+                outbound::serve_http(Arc::clone(&s), l)
+            }),
+        )?);
         for (l, up) in tcp_listeners {
-            tasks.push(tokio::spawn(outbound::serve_tcp(
-                Arc::clone(&shared),
-                l,
-                up,
-            )));
+            let s = Arc::clone(&shared);
+            let listen = up.listen;
+            tasks.extend(on_workers(
+                listen,
+                shared.workers.serve(l, move |l| {
+                    outbound::serve_tcp(Arc::clone(&s), l, up.clone())
+                }),
+            )?);
         }
         tasks.push(tokio::spawn(watch_certs(Arc::clone(&shared), certs)));
         tasks.push(tokio::spawn(ads::run(Arc::clone(&shared))));
@@ -267,6 +350,8 @@ impl Drop for Proxy {
         for t in &self.tasks {
             t.abort();
         }
+        // The workers' tasks hold the shared state; stopping the workers drops them.
+        self.shared.workers.stop();
     }
 }
 
@@ -299,16 +384,16 @@ async fn reconcile_listeners(
     tcp: Vec<SocketAddr>,
 ) {
     let mut generation = shared.config_gen.subscribe();
-    let mut running: HashMap<SocketAddr, (u16, JoinHandle<()>)> = HashMap::new();
+    let mut running: HashMap<SocketAddr, (u16, Vec<JoinHandle<()>>)> = HashMap::new();
     loop {
         if let Some(cfg) = shared.config.load_full() {
             let wanted: HashMap<SocketAddr, u16> =
                 cfg.inbound.iter().map(|p| (p.listen, p.port)).collect();
-            running.retain(|addr, (port, task)| {
+            running.retain(|addr, (port, tasks)| {
                 let keep = wanted.get(addr) == Some(port);
                 if !keep {
                     tracing::info!(%addr, "inbound listener closed");
-                    task.abort();
+                    tasks.iter().for_each(JoinHandle::abort);
                 }
                 keep
             });
@@ -316,16 +401,16 @@ async fn reconcile_listeners(
                 if running.contains_key(&addr) {
                     continue;
                 }
-                match TcpListener::bind(addr).await {
-                    Ok(l) => {
-                        tracing::info!(%addr, port, "inbound listener open");
-                        running.insert(
-                            addr,
-                            (
-                                port,
-                                tokio::spawn(inbound::serve(Arc::clone(&shared), l, port)),
-                            ),
-                        );
+                let s = Arc::clone(&shared);
+                let served = std::net::TcpListener::bind(addr).and_then(|l| {
+                    shared
+                        .workers
+                        .serve(l, move |l| inbound::serve(Arc::clone(&s), l, port))
+                });
+                match served {
+                    Ok(tasks) => {
+                        tracing::info!(%addr, port, workers = tasks.len(), "inbound listener open");
+                        running.insert(addr, (port, tasks));
                     }
                     Err(e) => tracing::error!(%addr, error = %e, "cannot open inbound listener"),
                 }

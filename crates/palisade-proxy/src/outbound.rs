@@ -24,17 +24,51 @@ use crate::inbound::{Body, strip_hop_by_hop, text_response};
 use crate::io::MeshConn;
 use crate::{Shared, TcpUpstream};
 
-/// The pooling client to other workloads.
+/// A pooling client to other workloads.
 pub type MeshClient = Client<MeshConnector, Incoming>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn mesh_client(shared: Weak<Shared>) -> MeshClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(MeshConnector { shared })
+/// One worker's pools to other workloads.
+///
+/// Two clients because the pool can only share a connection attempt between concurrent
+/// requests when it knows beforehand that the connection will be HTTP/2. With ALPN deciding,
+/// a burst of first requests to a sidecar would open one mTLS connection each, to end up with
+/// as many HTTP/2 connections. So the first connection to an authority goes through `auto`,
+/// which learns from ALPN whether the authority speaks HTTP/2 ([`MeshPools::speaks_h2`]); from
+/// then on `h2` carries its requests, one connection per authority, multiplexed.
+pub struct MeshPools {
+    auto: MeshClient,
+    h2: MeshClient,
+}
+
+impl MeshPools {
+    pub fn new(shared: Weak<Shared>) -> Self {
+        let build = |h2_only: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2_only)
+                .build(MeshConnector {
+                    shared: shared.clone(),
+                    h2_only,
+                })
+        };
+        Self {
+            auto: build(false),
+            h2: build(true),
+        }
+    }
+
+    /// The client for `authority`: `h2` once a connection to it negotiated HTTP/2.
+    pub fn client(&self, shared: &Shared, authority: &str) -> &MeshClient {
+        if shared.speaks_h2(authority) {
+            &self.h2
+        } else {
+            &self.auto
+        }
+    }
 }
 
 /// Splits `host[:port]` (IPv6 in brackets); port defaults to `default_port`.
@@ -98,6 +132,8 @@ pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io
 #[derive(Clone)]
 pub struct MeshConnector {
     shared: Weak<Shared>,
+    /// For the HTTP/2-only pool: a connection that did not negotiate HTTP/2 is refused.
+    h2_only: bool,
 }
 
 impl tower::Service<Uri> for MeshConnector {
@@ -111,6 +147,7 @@ impl tower::Service<Uri> for MeshConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let shared = self.shared.clone();
+        let h2_only = self.h2_only;
         Box::pin(async move {
             let shared = shared
                 .upgrade()
@@ -137,7 +174,17 @@ impl tower::Service<Uri> for MeshConnector {
                     )
                 })?;
             drop(cfg);
-            connect(&shared, &up, true).await
+            let conn = connect(&shared, &up, true).await?;
+            let h2 = matches!(conn, MeshConn::Tls { h2: true, .. });
+            shared.learn_h2(authority, h2);
+            if h2_only && !h2 {
+                // The authority's endpoints changed protocol; the next request goes through the
+                // ALPN-deciding pool again.
+                return Err(std::io::Error::other(format!(
+                    "{authority} no longer negotiates HTTP/2"
+                )));
+            }
+            Ok(conn)
         })
     }
 }
@@ -217,7 +264,10 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
     }
     // The pooling client picks HTTP/2 when the upstream negotiated it.
     *req.version_mut() = http::Version::HTTP_11;
-    match shared.mesh_client.request(req).await {
+    let client = shared
+        .mesh_pools()
+        .client(shared, req.uri().authority().map_or("", |a| a.as_str()));
+    match client.request(req).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             resp.map(Either::Left)

@@ -1,11 +1,11 @@
 //! The `palisade` command line. It only parses arguments and wires the library crates together;
 //! every decision lives in a crate (see DESIGN.md for the map).
 
-mod cmd;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use palisade::cli::{LogFormat, init_logging, runtime};
+use palisade::cmd;
 
 /// Palisade: zero-trust security for service-to-service traffic.
 #[derive(Debug, Parser)]
@@ -20,12 +20,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,21 +61,6 @@ enum Command {
     Status(cmd::status::Args),
 }
 
-fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: logs redirected to files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
@@ -89,19 +68,12 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
-    // Exactly one rustls crypto provider in the tree: aws-lc-rs, installed before any TLS use.
-    // An error here only means one is installed already, which is what we want.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy's data path runs on its own worker threads (palisade_proxy::workers); what is
+    // left for the main runtime (xDS, certificates, admin) needs one thread.
+    let data_path = matches!(cli.command, Command::Proxy(_) | Command::Sidecar(_));
+    let runtime = match runtime(!data_path) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async move {
         match cli.command {
@@ -121,12 +93,5 @@ fn main() -> ExitCode {
             Command::Status(args) => cmd::status::run(args).await,
         }
     });
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            // `{:#}` prints the whole context chain: file, field, reason.
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    palisade::cli::exit_code(result)
 }

@@ -37,6 +37,15 @@ pub struct ProxyArgs {
     /// Write the bound addresses here (JSON) once the proxy is ready.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Worker threads of the data path, as Envoy's `--concurrency` (Istio's proxy
+    /// `concurrency`): each connection stays on one worker. 0: one per CPU.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        env = "PALISADE_CONCURRENCY"
+    )]
+    pub concurrency: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +92,7 @@ impl ProxyArgs {
             app_ports: self.app_ports.iter().copied().collect::<BTreeMap<_, _>>(),
             tcp_upstreams: self.tcp_upstreams.clone(),
             ready_file: self.ready_file.clone(),
+            concurrency: self.concurrency,
         }
     }
 }

@@ -170,7 +170,9 @@ impl Mesh {
         ])
         .arg(&ready)
         .args(args)
-        .env("PALISADE_LOG", "info");
+        .env("PALISADE_LOG", "info")
+        // Two data-path workers whatever the machine: connections spread over both.
+        .env("PALISADE_CONCURRENCY", "2");
         Sidecar::wait(ChildGuard::spawn(&name, cmd, self.dir.path()), &ready, None).await
     }
 
@@ -218,7 +220,9 @@ impl Mesh {
         ])
         .arg(&ready)
         .args(args)
-        .env("PALISADE_LOG", "info");
+        .env("PALISADE_LOG", "info")
+        // Two data-path workers whatever the machine: connections spread over both.
+        .env("PALISADE_CONCURRENCY", "2");
         Sidecar::wait(
             ChildGuard::spawn(&name, cmd, self.dir.path()),
             &ready,
