@@ -40,8 +40,6 @@ pub struct InboundPort {
     pub port: u16,
     pub listen: SocketAddr,
     pub app: SocketAddr,
-    /// `app` as a URI authority, built once.
-    pub app_authority: http::uri::Authority,
 }
 
 /// Where an outbound connection goes and how.
@@ -166,19 +164,11 @@ impl ProxyConfig {
                 },
             };
             let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), app_port);
-            let app_authority =
-                http::uri::Authority::try_from(app.to_string().as_str()).map_err(|e| {
-                    ConfigError::Annotation {
-                        key,
-                        reason: e.to_string(),
-                    }
-                })?;
             inbound.push(InboundPort {
                 name: name.clone(),
                 port,
                 listen: SocketAddr::new(address, port),
                 app,
-                app_authority,
             });
         }
         inbound.sort_by_key(|p| p.port);

@@ -11,8 +11,6 @@ use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use palisade_policy::api::MtlsMode;
 use palisade_policy::{HeaderLookup, HttpAttributes, RequestContext};
@@ -24,9 +22,6 @@ use crate::authz::{Outcome, authorize};
 use crate::ext_authz::body::RequestBody;
 use crate::sniff::{Protocol, detect};
 
-/// The client the proxy uses to reach its application (pooled HTTP/1.1 on loopback). Request
-/// bodies stream through unless an authorizer wanted them read ahead.
-pub type AppClient = Client<HttpConnector, RequestBody>;
 /// Response bodies: the upstream's, or one generated here.
 pub type Body = Either<Incoming, Full<Bytes>>;
 
@@ -41,15 +36,6 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     http::header::UPGRADE,
     http::header::PROXY_AUTHORIZATION,
 ];
-
-pub fn app_client() -> AppClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_timer(TokioTimer::new())
-        .build(http)
-}
 
 /// Facts about one inbound connection, fixed at accept/handshake time.
 #[derive(Debug)]
@@ -315,17 +301,19 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
         headers.insert(XFCC, x.clone());
     }
     gate.apply_upstream(&cfg, &mut req);
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(port.app_authority.clone());
-    parts.path_and_query = req.uri().path_and_query().cloned();
-    match Uri::from_parts(parts) {
-        Ok(u) => *req.uri_mut() = u,
-        Err(_) => return text_response(StatusCode::BAD_REQUEST, "Bad Request"),
-    }
+    // Origin form for the app (`GET /path HTTP/1.1`); the Host header names the service.
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
     *req.version_mut() = http::Version::HTTP_11;
+    let app = port.app;
     drop(cfg);
-    match shared.app_client().request(req).await {
+    // Boxed (as hyper-util's client boxes its response future): the exchange holds the request
+    // while it is handed over, and inlined it would double this future's size.
+    match Box::pin(shared.app_pool().send(app, req)).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             gate.apply_downstream(resp.headers_mut());

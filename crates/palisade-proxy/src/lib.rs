@@ -19,9 +19,13 @@
 //!   over ADS; the proxy compiles it with `palisade-policy`, NACKs what does not compile, and
 //!   swaps configs atomically (`arc-swap`): requests never take a lock.
 //! - Admin ([`admin`]): `/stats`, `/config_dump`, `/certs`, `/logging?rbac=debug`, `/ready`.
+//! - Threads ([`workers`]): the data path runs on `concurrency` worker threads, Envoy's model:
+//!   each connection, its requests and the upstream pools they use stay on one worker. Admin,
+//!   xDS and certificates run on the caller's runtime.
 
 pub mod admin;
 pub mod ads;
+pub mod app_pool;
 pub mod authz;
 pub mod certs;
 pub mod config;
@@ -111,8 +115,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The data path's threads.
     pub workers: workers::Workers,
-    /// One pool to the application per worker (see [`Shared::app_client`]).
-    app_clients: Vec<inbound::AppClient>,
+    /// One pool to the application per worker (see [`Shared::app_pool`]).
+    app_pools: Vec<app_pool::AppPool>,
     /// One set of pools to other workloads per worker.
     mesh_pools: Vec<outbound::MeshPools>,
     /// Upstream authorities whose connections negotiated HTTP/2 (see [`outbound::MeshPools`]).
@@ -133,12 +137,12 @@ impl Shared {
     /// The current worker's pool to the application: its connections live on this worker, so a
     /// request and its upstream connection never wake another thread. Outside the workers
     /// (tests driving a handler directly) the first pool.
-    pub fn app_client(&self) -> &inbound::AppClient {
+    pub fn app_pool(&self) -> &app_pool::AppPool {
         let i = workers::current().unwrap_or(0);
-        &self.app_clients[i.min(self.app_clients.len() - 1)]
+        &self.app_pools[i.min(self.app_pools.len() - 1)]
     }
 
-    /// The current worker's pools to other workloads (see [`Shared::app_client`]).
+    /// The current worker's pools to other workloads (see [`Shared::app_pool`]).
     pub fn mesh_pools(&self) -> &outbound::MeshPools {
         let i = workers::current().unwrap_or(0);
         &self.mesh_pools[i.min(self.mesh_pools.len() - 1)]
@@ -266,7 +270,9 @@ impl Proxy {
             registry,
             rbac_log: authz::RbacLog::default(),
             ready: AtomicBool::new(false),
-            app_clients: (0..workers.len()).map(|_| inbound::app_client()).collect(),
+            app_pools: (0..workers.len())
+                .map(|_| app_pool::AppPool::default())
+                .collect(),
             mesh_pools: (0..workers.len())
                 .map(|_| outbound::MeshPools::new(weak.clone()))
                 .collect(),

@@ -47,6 +47,9 @@ impl MeshPools {
         let build = |h2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
+                // HTTP/1.1 upstreams: hyper-util's pool may dial more connections than requests
+                // in flight (see `app_pool`); idle ones are capped.
+                .pool_max_idle_per_host(crate::app_pool::MAX_CONNECTIONS)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .http2_only(h2_only)
