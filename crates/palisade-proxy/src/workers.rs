@@ -17,7 +17,6 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::thread::JoinHandle as ThreadHandle;
 
 use tokio::runtime::Handle;
@@ -145,11 +144,6 @@ impl Drop for Workers {
     }
 }
 
-/// For the bind before a listener is handed to [`Workers::serve`].
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr)
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -165,7 +159,7 @@ mod tests {
         let workers = Workers::start(2).unwrap();
         assert_eq!(workers.len(), 2);
         assert_eq!(current(), None, "the test thread is not a worker");
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen_by_workers = Arc::clone(&seen);
