@@ -50,6 +50,32 @@ pub struct ConnInfo {
     pub xfcc: Option<HeaderValue>,
 }
 
+impl ConnInfo {
+    /// What the policy engine sees of `req` on this connection (`headers` wraps its headers).
+    pub fn request_context<'a, B>(
+        &'a self,
+        req: &'a Request<B>,
+        headers: &'a Headers<'a>,
+        jwt: Option<&'a serde_json::Value>,
+    ) -> RequestContext<'a> {
+        RequestContext {
+            port: self.port,
+            destination_ip: Some(self.local_ip),
+            source_ip: Some(self.source.ip()),
+            remote_ip: None,
+            peer_principal: self.principal.as_deref(),
+            sni: self.sni.as_deref(),
+            http: Some(HttpAttributes {
+                method: req.method().as_str(),
+                path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                host: host_of(req),
+                headers,
+            }),
+            jwt,
+        }
+    }
+}
+
 /// Accepts on one inbound listener.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
     loop {
@@ -263,23 +289,8 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
         Err(refused) => return refused,
     };
     let outcome = {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let headers = Headers(req.headers());
-        let ctx = RequestContext {
-            port: info.port,
-            destination_ip: Some(info.local_ip),
-            source_ip: Some(info.source.ip()),
-            remote_ip: None,
-            peer_principal: info.principal.as_deref(),
-            sni: info.sni.as_deref(),
-            http: Some(HttpAttributes {
-                method: req.method().as_str(),
-                path,
-                host: host_of(&req),
-                headers: &headers,
-            }),
-            jwt: gate.claims(),
-        };
+        let ctx = info.request_context(&req, &headers, gate.claims());
         authorize(&cfg, &ctx, true, &shared.rbac_log)
     };
     match outcome {

@@ -72,7 +72,7 @@ impl Up {
             .unwrap();
         let state = match state {
             Some(s) => s.to_owned(),
-            None => default_state(dir),
+            None => palisade::cmd::up::default_state_dir(dir),
         };
         let mut up = Self {
             child,
@@ -163,19 +163,6 @@ impl Drop for Up {
             );
         }
     }
-}
-
-/// Mirrors `default_state_dir` in `cmd/up.rs`: the state directory `up DIR` uses by default.
-fn default_state(dir: &Path) -> PathBuf {
-    let canonical = dir.canonicalize().unwrap();
-    let name: String = canonical
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    std::env::temp_dir()
-        .join("palisade-up")
-        .join(name.trim_matches('-'))
 }
 
 fn alive(pid: u32) -> bool {
@@ -276,7 +263,7 @@ async fn readme_walkthrough_gives_the_documented_results() {
     let dir = tmp.path().join("bookinfo");
     copy_example(&dir, prefix);
     // The default state directory, as the README's users get it (removed at the end).
-    let state = default_state(&dir);
+    let state = palisade::cmd::up::default_state_dir(&dir);
     let _ = std::fs::remove_dir_all(&state);
     let up = Up::start(&dir, None, tmp.path()).await;
 

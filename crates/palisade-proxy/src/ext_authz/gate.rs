@@ -6,7 +6,6 @@
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use palisade_policy::{HttpAttributes, RequestContext};
 use serde_json::Value;
 
 use super::body::{RequestBody, buffer};
@@ -81,21 +80,7 @@ fn response(
 /// The providers of the CUSTOM policies that match the request, in order.
 fn custom_providers<B>(cfg: &ProxyConfig, info: &ConnInfo, req: &Request<B>) -> Vec<String> {
     let headers = Headers(req.headers());
-    let ctx = RequestContext {
-        port: info.port,
-        destination_ip: Some(info.local_ip),
-        source_ip: Some(info.source.ip()),
-        remote_ip: None,
-        peer_principal: info.principal.as_deref(),
-        sni: info.sni.as_deref(),
-        http: Some(HttpAttributes {
-            method: req.method().as_str(),
-            path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
-            host: host_of(req),
-            headers: &headers,
-        }),
-        jwt: None,
-    };
+    let ctx = info.request_context(req, &headers, None);
     // A bad request (400) is answered by the authorization step that follows.
     cfg.policy
         .evaluate(&ctx)

@@ -585,7 +585,7 @@ pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N
 }
 
 /// A per-directory state path, so that two meshes never share a CA by accident.
-pub(crate) fn default_state_dir(dir: &Path) -> PathBuf {
+pub fn default_state_dir(dir: &Path) -> PathBuf {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let name: String = canonical
         .to_string_lossy()
