@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use palisade_policy::api::MtlsMode;
@@ -22,8 +21,7 @@ use crate::authz::{Outcome, authorize};
 use crate::ext_authz::body::RequestBody;
 use crate::sniff::{Protocol, detect};
 
-/// Response bodies: the upstream's, or one generated here.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub use crate::body::Body;
 
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -258,9 +256,7 @@ pub fn host_of<B>(req: &Request<B>) -> &str {
 }
 
 pub fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
+    let mut resp = Response::new(Body::local(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -328,7 +324,7 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             gate.apply_downstream(resp.headers_mut());
-            resp.map(Either::Left)
+            resp.map(Body::App)
         }
         Err(e) => {
             tracing::info!(port = info.port, error = %e, "application unreachable");

@@ -25,8 +25,9 @@
 
 pub mod admin;
 pub mod ads;
-pub mod app_pool;
+pub mod app;
 pub mod authz;
+pub mod body;
 pub mod certs;
 pub mod config;
 pub mod ext_authz;
@@ -116,7 +117,7 @@ pub struct Shared {
     /// The data path's threads.
     pub workers: workers::Workers,
     /// One pool to the application per worker (see [`Shared::app_pool`]).
-    app_pools: Vec<app_pool::AppPool>,
+    app_pools: Vec<app::AppPool>,
     /// One set of pools to other workloads per worker.
     mesh_pools: Vec<outbound::MeshPools>,
     /// Upstream authorities whose connections negotiated HTTP/2 (see [`outbound::MeshPools`]).
@@ -137,7 +138,7 @@ impl Shared {
     /// The current worker's pool to the application: its connections live on this worker, so a
     /// request and its upstream connection never wake another thread. Outside the workers
     /// (tests driving a handler directly) the first pool.
-    pub fn app_pool(&self) -> &app_pool::AppPool {
+    pub fn app_pool(&self) -> &app::AppPool {
         let i = workers::current().unwrap_or(0);
         &self.app_pools[i.min(self.app_pools.len() - 1)]
     }
@@ -271,7 +272,7 @@ impl Proxy {
             rbac_log: authz::RbacLog::default(),
             ready: AtomicBool::new(false),
             app_pools: (0..workers.len())
-                .map(|_| app_pool::AppPool::default())
+                .map(|_| app::AppPool::default())
                 .collect(),
             mesh_pools: (0..workers.len())
                 .map(|_| outbound::MeshPools::new(weak.clone()))

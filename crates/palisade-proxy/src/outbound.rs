@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,8 +47,8 @@ impl MeshPools {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 // HTTP/1.1 upstreams: hyper-util's pool may dial more connections than requests
-                // in flight (see `app_pool`); idle ones are capped.
-                .pool_max_idle_per_host(crate::app_pool::MAX_CONNECTIONS)
+                // in flight (see `app`); idle ones are capped.
+                .pool_max_idle_per_host(crate::app::MAX_CONNECTIONS)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .http2_only(h2_only)
@@ -273,7 +272,7 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
     match client.request(req).await {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
-            resp.map(Either::Left)
+            resp.map(Body::Upstream)
         }
         Err(e) => {
             tracing::info!(error = %e, source = ?std::error::Error::source(&e), "outbound request failed");

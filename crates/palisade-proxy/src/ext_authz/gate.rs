@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
 use serde_json::Value;
 
 use super::body::{RequestBody, buffer};
@@ -69,7 +68,7 @@ fn response(
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     body: Bytes,
 ) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(body)));
+    let mut resp = Response::new(Body::local(body));
     *resp.status_mut() = status;
     for (k, v) in headers {
         resp.headers_mut().append(k, v);

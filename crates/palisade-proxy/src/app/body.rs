@@ -1,0 +1,163 @@
+//! A response body read straight off the application's connection. The connection goes back to
+//! its pool the moment the body ends cleanly; a body dropped before its end closes it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
+
+use super::PoolRef;
+use super::h1::{BodyDecoder, Decoded, WireError};
+
+/// Bytes asked of the socket per read while a body streams.
+const BODY_READ: usize = 16 * 1024;
+
+/// Why a response body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum AppBodyError {
+    #[error("reading the application's response from {addr}: {cause}")]
+    Io { addr: SocketAddr, cause: io::Error },
+    #[error("the application at {addr} closed the connection before the response body ended")]
+    Truncated { addr: SocketAddr },
+    #[error("the application at {addr} sent a {cause}")]
+    Wire { addr: SocketAddr, cause: WireError },
+}
+
+/// The application's response body.
+#[derive(Debug, Default)]
+pub struct AppBody {
+    live: Option<Live>,
+}
+
+#[derive(Debug)]
+struct Live {
+    stream: TcpStream,
+    /// Bytes read and not yet handed on (the head's leftovers first).
+    buf: BytesMut,
+    decoder: BodyDecoder,
+    /// The connection may take another request once this body has ended.
+    reusable: bool,
+    pool: PoolRef,
+    addr: SocketAddr,
+}
+
+impl AppBody {
+    pub(super) fn streaming(
+        stream: TcpStream,
+        buf: BytesMut,
+        decoder: BodyDecoder,
+        reusable: bool,
+        pool: PoolRef,
+        addr: SocketAddr,
+    ) -> Self {
+        AppBody {
+            live: Some(Live {
+                stream,
+                buf,
+                decoder,
+                reusable,
+                pool,
+                addr,
+            }),
+        }
+    }
+
+    /// A body with no bytes (its connection, if any, already went back).
+    pub fn empty() -> Self {
+        AppBody { live: None }
+    }
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = AppBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, AppBodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(live) = this.live.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let addr = live.addr;
+            let step = live.decoder.decode(&mut live.buf);
+            let step = match step {
+                Ok(Decoded::NeedMore) => match ready!(poll_fill(&live.stream, &mut live.buf, cx)) {
+                    Ok(0) => match live.decoder.at_eof() {
+                        Decoded::End => {
+                            live.reusable = false;
+                            Decoded::End
+                        }
+                        _ => {
+                            this.live = None;
+                            return Poll::Ready(Some(Err(AppBodyError::Truncated { addr })));
+                        }
+                    },
+                    Ok(_) => continue,
+                    Err(cause) => {
+                        this.live = None;
+                        return Poll::Ready(Some(Err(AppBodyError::Io { addr, cause })));
+                    }
+                },
+                Ok(d) => d,
+                Err(cause) => {
+                    this.live = None;
+                    return Poll::Ready(Some(Err(AppBodyError::Wire { addr, cause })));
+                }
+            };
+            match step {
+                Decoded::Data(b) if b.is_empty() => continue,
+                Decoded::Data(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Decoded::Trailers(t) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                Decoded::End | Decoded::NeedMore => {
+                    if let Some(live) = this.live.take() {
+                        // Extra bytes after the body: the app is out of step; do not reuse.
+                        if live.reusable && live.buf.is_empty() {
+                            live.pool.checkin(live.addr, live.stream);
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.live.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.live.as_ref() {
+            None => SizeHint::with_exact(0),
+            Some(l) => l
+                .decoder
+                .remaining()
+                .map_or_else(SizeHint::new, SizeHint::with_exact),
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`'s spare room (made first when short): `Ok(0)` at EOF.
+pub(super) fn poll_fill(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(BODY_READ);
+    }
+    loop {
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready!(stream.poll_read_ready(cx))?;
+            }
+            r => return Poll::Ready(r),
+        }
+    }
+}
