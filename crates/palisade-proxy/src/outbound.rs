@@ -255,11 +255,7 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(authority);
-    parts.path_and_query = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    parts.path_and_query = Some(detach_from_read_buffer(&mut req));
     match Uri::from_parts(parts) {
         Ok(u) => *req.uri_mut() = u,
         Err(_) => return text_response(StatusCode::BAD_REQUEST, "Bad Request\n"),
@@ -282,6 +278,41 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
             )
         }
     }
+}
+
+/// Moves the request's header values and path out of the connection's read buffer into one
+/// allocation of their own, and returns the path.
+///
+/// hyper parses an HTTP/1.1 head in place: the values and the URI it hands over point into the
+/// connection's read buffer. While the request is in flight hyper keeps reading that connection
+/// (to notice a client that goes away), finds its buffer shared, and allocates a second one,
+/// 8 KiB or more, for every connection (a heap profile at 64 connections: ~13 KiB each). One
+/// copy of the few hundred bytes of a head leaves the buffer to hyper alone.
+fn detach_from_read_buffer<B>(req: &mut Request<B>) -> http::uri::PathAndQuery {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let path_len = path.len();
+    let total = path_len + req.headers().values().map(HeaderValue::len).sum::<usize>();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    copy.extend_from_slice(path.as_bytes());
+    for v in req.headers().values() {
+        copy.extend_from_slice(v.as_bytes());
+    }
+    let copy = copy.freeze();
+    let mut at = path_len;
+    for v in req.headers_mut().values_mut() {
+        let n = v.len();
+        // Valid already (they were header values); on the impossible failure the value stays.
+        if let Ok(mut fresh) = HeaderValue::from_maybe_shared(copy.slice(at..at + n)) {
+            fresh.set_sensitive(v.is_sensitive());
+            *v = fresh;
+        }
+        at += n;
+    }
+    http::uri::PathAndQuery::from_maybe_shared(copy.slice(..path_len))
+        .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
 }
 
 /// A declared TCP upstream: every accepted connection is spliced to the destination.
@@ -326,5 +357,49 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstre
                 tracing::debug!(error = %e, "outbound TCP connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copy changes where the bytes live, nothing else: every value (repeated names,
+    /// sensitivity, non-ASCII bytes) and the path are as they were.
+    #[test]
+    fn detaching_keeps_the_head_as_it_was() {
+        let cases: [(&str, &[(&str, &[u8])]); 4] = [
+            (
+                "/api/x?q=1&r=%20",
+                &[("host", b"svc:80"), ("x-a", b"1"), ("x-a", b"2")],
+            ),
+            (
+                "http://svc/",
+                &[("authorization", b"Bearer t"), ("x-latin", b"caf\xe9")],
+            ),
+            ("http://svc", &[]),
+            ("*", &[("x-empty", b"")]),
+        ];
+        for (uri, headers) in cases {
+            let mut req = Request::builder().uri(uri);
+            for (k, v) in headers {
+                let mut v = HeaderValue::from_bytes(v).unwrap();
+                v.set_sensitive(*k == "authorization");
+                req = req.header(*k, v);
+            }
+            let mut req = req.body(()).unwrap();
+            let before = req.headers().clone();
+            let want_path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            let path = detach_from_read_buffer(&mut req);
+            assert_eq!(path.as_str(), want_path, "{uri}");
+            assert_eq!(req.headers(), &before, "{uri}");
+            for (a, b) in req.headers().values().zip(before.values()) {
+                assert_eq!(a.is_sensitive(), b.is_sensitive(), "{uri}");
+            }
+        }
     }
 }
