@@ -368,7 +368,8 @@ mod tests {
     /// sensitivity, non-ASCII bytes) and the path are as they were.
     #[test]
     fn detaching_keeps_the_head_as_it_was() {
-        let cases: [(&str, &[(&str, &[u8])]); 4] = [
+        type Fields = &'static [(&'static str, &'static [u8])];
+        let cases: [(&str, Fields); 4] = [
             (
                 "/api/x?q=1&r=%20",
                 &[("host", b"svc:80"), ("x-a", b"1"), ("x-a", b"2")],
