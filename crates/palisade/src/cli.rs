@@ -1,4 +1,5 @@
-//! What both binaries share: logging set-up, the async runtime, the exit code.
+//! What both binaries share: logging set-up, the async runtime, the exit code, the sidecar's
+//! allocator setting.
 
 use std::process::ExitCode;
 
@@ -50,5 +51,42 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// The environment variable through which glibc's allocator takes its arena limit.
+pub const MALLOC_ARENA_MAX: &str = "MALLOC_ARENA_MAX";
+
+/// For the sidecar: runs this same program again, in place (same process id, same arguments),
+/// with `MALLOC_ARENA_MAX=1`, unless the environment already sets it (any value; set it to
+/// opt out, e.g. `MALLOC_ARENA_MAX=8`). Returns when no restart happened.
+///
+/// glibc gives each thread that allocates an arena of its own, and an arena keeps the memory
+/// its thread once needed. A sidecar's workers take turns at peaks (which one accepts a burst
+/// of connections is chance), so with an arena each the process holds the sum of every
+/// worker's largest peak: in the mesh benchmark the client sidecar's private memory peaked at
+/// 5.2 to 5.8 MiB with glibc's default, 4.4 with one arena, at the same CPU per request. Small
+/// allocations do not take the arena's lock (glibc's per-thread cache serves them). The
+/// allocator reads the setting only at start, hence the restart; it costs one `exec`.
+pub fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        if std::env::var_os(MALLOC_ARENA_MAX).is_some() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let mut cmd = std::process::Command::new(exe);
+        if let Some(arg0) = args.next() {
+            cmd.arg0(arg0);
+        }
+        let err = cmd.args(args).env(MALLOC_ARENA_MAX, "1").exec();
+        // Only reached when the exec failed; the sidecar works as well without it.
+        eprintln!(
+            "palisade: could not restart with {MALLOC_ARENA_MAX}=1 ({err}); going on with glibc's default arenas"
+        );
     }
 }

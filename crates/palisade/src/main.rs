@@ -71,6 +71,9 @@ fn main() -> ExitCode {
     // The proxy's data path runs on its own worker threads (palisade_proxy::workers); what is
     // left for the main runtime (xDS, certificates, admin) needs one thread.
     let data_path = matches!(cli.command, Command::Proxy(_) | Command::Sidecar(_));
+    if data_path {
+        palisade::cli::one_malloc_arena();
+    }
     let runtime = match runtime(!data_path) {
         Ok(rt) => rt,
         Err(code) => return code,

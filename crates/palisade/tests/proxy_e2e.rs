@@ -415,6 +415,16 @@ spec:
         format!("9000={}", tcp_app.port()),
     ];
     let sidecar = mesh.sidecar("demo/server", "demo", "server", &args).await;
+    // The sidecar restarted itself in place with one malloc arena (`cli::one_malloc_arena`):
+    // the process we started, now with the setting in its environment.
+    let environ = std::fs::read(format!("/proc/{}/environ", sidecar.proc.pid())).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == b"MALLOC_ARENA_MAX=1"),
+        "sidecar environment: {}",
+        String::from_utf8_lossy(&environ).replace('\0', " ")
+    );
     let client = Transport::mtls(mesh.cert("demo", "client"), SERVER_ID, mesh.bundle());
     let p8080 = format!("{addr}:8080");
     let p9000 = format!("{addr}:9000");

@@ -24,6 +24,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    palisade::cli::one_malloc_arena();
     init_logging(&cli.log, cli.log_format);
     let runtime = match runtime(false) {
         Ok(rt) => rt,

@@ -172,7 +172,9 @@ impl Mesh {
         .args(args)
         .env("PALISADE_LOG", "info")
         // Two data-path workers whatever the machine: connections spread over both.
-        .env("PALISADE_CONCURRENCY", "2");
+        .env("PALISADE_CONCURRENCY", "2")
+        // The sidecar's own allocator setting applies (see `cli::one_malloc_arena`).
+        .env_remove("MALLOC_ARENA_MAX");
         Sidecar::wait(ChildGuard::spawn(&name, cmd, self.dir.path()), &ready, None).await
     }
 
