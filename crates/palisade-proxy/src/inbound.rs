@@ -327,7 +327,7 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
             resp.map(Body::App)
         }
         Err(e) => {
-            tracing::info!(port = info.port, error = %e, "application unreachable");
+            tracing::info!(port = info.port, error = %e, "no response from the application");
             text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers",

@@ -23,7 +23,7 @@ pub enum AppBodyError {
     Io { addr: SocketAddr, cause: io::Error },
     #[error("the application at {addr} closed the connection before the response body ended")]
     Truncated { addr: SocketAddr },
-    #[error("the application at {addr} sent a {cause}")]
+    #[error("bad response body from the application at {addr}: {cause}")]
     Wire { addr: SocketAddr, cause: WireError },
 }
 

@@ -52,9 +52,9 @@ pub enum AppError {
     Io { addr: SocketAddr, cause: io::Error },
     #[error("HTTP/1.1 to {addr}: the connection closed before a response")]
     Closed { addr: SocketAddr },
-    #[error("HTTP/1.1 to {addr}: the application sent a {cause}")]
+    #[error("HTTP/1.1 to {addr}: bad response from the application: {cause}")]
     Wire { addr: SocketAddr, cause: WireError },
-    #[error("HTTP/1.1 to {addr}: the request has a {cause}")]
+    #[error("HTTP/1.1 to {addr}: request not sent: {cause}")]
     Request { addr: SocketAddr, cause: WireError },
     #[error("HTTP/1.1 to {addr}: request body: {cause}")]
     RequestBody { addr: SocketAddr, cause: BoxError },
