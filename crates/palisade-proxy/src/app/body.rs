@@ -33,37 +33,22 @@ pub struct AppBody {
     live: Option<Live>,
 }
 
+/// A body still coming in on its connection.
 #[derive(Debug)]
-struct Live {
-    stream: TcpStream,
+pub(super) struct Live {
+    pub(super) stream: TcpStream,
     /// Bytes read and not yet handed on (the head's leftovers first).
-    buf: BytesMut,
-    decoder: BodyDecoder,
+    pub(super) buf: BytesMut,
+    pub(super) decoder: BodyDecoder,
     /// The connection may take another request once this body has ended.
-    reusable: bool,
-    pool: PoolRef,
-    addr: SocketAddr,
+    pub(super) reusable: bool,
+    pub(super) pool: PoolRef,
+    pub(super) addr: SocketAddr,
 }
 
 impl AppBody {
-    pub(super) fn streaming(
-        stream: TcpStream,
-        buf: BytesMut,
-        decoder: BodyDecoder,
-        reusable: bool,
-        pool: PoolRef,
-        addr: SocketAddr,
-    ) -> Self {
-        AppBody {
-            live: Some(Live {
-                stream,
-                buf,
-                decoder,
-                reusable,
-                pool,
-                addr,
-            }),
-        }
+    pub(super) fn streaming(live: Live) -> Self {
+        AppBody { live: Some(live) }
     }
 
     /// A body with no bytes (its connection, if any, already went back).

@@ -222,14 +222,14 @@ impl Answered {
             }
             AppBody::empty()
         } else {
-            AppBody::streaming(
-                self.stream,
-                self.buf,
-                BodyDecoder::new(self.framing),
-                self.reusable,
-                pool.clone(),
-                self.addr,
-            )
+            AppBody::streaming(body::Live {
+                stream: self.stream,
+                buf: self.buf,
+                decoder: BodyDecoder::new(self.framing),
+                reusable: self.reusable,
+                pool: pool.clone(),
+                addr: self.addr,
+            })
         };
         let mut resp = Response::new(body);
         *resp.status_mut() = self.head.status;
