@@ -71,36 +71,23 @@ impl Body for AppBody {
                 return Poll::Ready(None);
             };
             let addr = live.addr;
-            let step = live.decoder.decode(&mut live.buf);
-            let step = match step {
+            let step = match live.decoder.decode(&mut live.buf) {
                 Ok(Decoded::NeedMore) => match ready!(poll_fill(&live.stream, &mut live.buf, cx)) {
-                    Ok(0) => match live.decoder.at_eof() {
-                        Decoded::End => {
-                            live.reusable = false;
-                            Decoded::End
-                        }
-                        _ => {
-                            this.live = None;
-                            return Poll::Ready(Some(Err(AppBodyError::Truncated { addr })));
-                        }
-                    },
-                    Ok(_) => continue,
-                    Err(cause) => {
-                        this.live = None;
-                        return Poll::Ready(Some(Err(AppBodyError::Io { addr, cause })));
+                    Ok(0) if live.decoder.ends_at_eof() => {
+                        live.reusable = false;
+                        Ok(Decoded::End)
                     }
+                    Ok(0) => Err(AppBodyError::Truncated { addr }),
+                    Ok(_) => continue,
+                    Err(cause) => Err(AppBodyError::Io { addr, cause }),
                 },
-                Ok(d) => d,
-                Err(cause) => {
-                    this.live = None;
-                    return Poll::Ready(Some(Err(AppBodyError::Wire { addr, cause })));
-                }
+                decoded => decoded.map_err(|cause| AppBodyError::Wire { addr, cause }),
             };
             match step {
-                Decoded::Data(b) if b.is_empty() => continue,
-                Decoded::Data(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
-                Decoded::Trailers(t) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                Decoded::End | Decoded::NeedMore => {
+                Ok(Decoded::Data(b)) if b.is_empty() => continue,
+                Ok(Decoded::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                Ok(Decoded::Trailers(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                Ok(Decoded::End | Decoded::NeedMore) => {
                     if let Some(live) = this.live.take() {
                         // Extra bytes after the body: the app is out of step; do not reuse.
                         if live.reusable && live.buf.is_empty() {
@@ -108,6 +95,11 @@ impl Body for AppBody {
                         }
                     }
                     return Poll::Ready(None);
+                }
+                Err(e) => {
+                    // The connection is in an unknown state: closed with the body.
+                    this.live = None;
+                    return Poll::Ready(Some(Err(e)));
                 }
             }
         }

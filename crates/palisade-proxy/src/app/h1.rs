@@ -309,12 +309,10 @@ impl BodyDecoder {
         }
     }
 
-    /// What the connection closing means here: the end of an until-close body, or a truncated one.
-    pub fn at_eof(&self) -> Decoded {
-        match self {
-            BodyDecoder::UntilClose | BodyDecoder::Length(0) => Decoded::End,
-            _ => Decoded::NeedMore,
-        }
+    /// Whether the connection closing here ends the body (an until-close body, or nothing left
+    /// to read) rather than truncating it.
+    pub fn ends_at_eof(&self) -> bool {
+        matches!(self, BodyDecoder::UntilClose | BodyDecoder::Length(0))
     }
 
     /// Bytes still expected, when known.
@@ -747,11 +745,8 @@ mod tests {
             Ok(Decoded::Data(Bytes::from_static(b"XYZ")))
         );
         assert_eq!(d.decode(&mut buf), Ok(Decoded::NeedMore));
-        assert_eq!(d.at_eof(), Decoded::End);
-        assert_eq!(
-            BodyDecoder::new(ResponseFraming::Length(3)).at_eof(),
-            Decoded::NeedMore
-        );
+        assert!(d.ends_at_eof());
+        assert!(!BodyDecoder::new(ResponseFraming::Length(3)).ends_at_eof());
     }
 
     proptest! {

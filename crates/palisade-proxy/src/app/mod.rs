@@ -164,8 +164,7 @@ impl AppPool {
             head: &head,
             framing,
         };
-        match exchange.run(stream, &mut body).await {
-            Ok(x) => Ok(x.into_response(&self.inner)),
+        let answered = match exchange.run(stream, &mut body).await {
             // The app closed a pooled connection as it was picked: a request without a body
             // and with an idempotent method (RFC 9110 section 9.2.2) goes once more, on a new
             // connection. Nothing of the response had arrived.
@@ -174,14 +173,13 @@ impl AppPool {
                 nothing_back: true,
             }) if reused && framing == RequestFraming::Empty && parts.method.is_idempotent() => {
                 tracing::debug!(%addr, %error, "pooled application connection closed; retrying");
-                let fresh = connect(addr).await?;
-                match exchange.run(fresh, &mut body).await {
-                    Ok(x) => Ok(x.into_response(&self.inner)),
-                    Err(f) => Err(f.error),
-                }
+                exchange.run(connect(addr).await?, &mut body).await
             }
-            Err(f) => Err(f.error),
-        }
+            first => first,
+        };
+        answered
+            .map(|x| x.into_response(&self.inner))
+            .map_err(|f| f.error)
     }
 
     /// Idle connections held to `addr`.
@@ -274,7 +272,6 @@ impl Exchange<'_> {
         let head = match head {
             Ok(h) => h,
             Err(error) => {
-                // A failed write explains a missing response better than the read does.
                 let nothing_back = buf.is_empty();
                 if let Some(Err(w)) = sent {
                     tracing::debug!(%addr, error = %w, "writing the request to the application failed");
