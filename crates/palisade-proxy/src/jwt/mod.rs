@@ -9,6 +9,12 @@
 //!   `WWW-Authenticate: Bearer realm="<request URL>", error="invalid_token"` and Envoy's message;
 //! - a valid token whose audiences are not allowed: 403.
 //!
+//! Every token at every location of every rule is verified, and one failure refuses the request
+//! (Envoy 1.40 as Istio configures it does the same): a good token must not carry a forged one
+//! past the proxy to an app that might read it. With several valid tokens the request identity
+//! is that of the first in Envoy's extraction order (headers, then query parameters, then
+//! cookies; each sorted by name), which is the payload Envoy leaves in its metadata.
+//!
 //! Safety rails: a fixed algorithm allow-list (no `none`), the key family must fit the `alg`
 //! (an RSA/EC public key is never used as an HMAC secret), bounded clock skew, size limits on
 //! tokens and JWKS documents. [`JwtAuthn::apply`] performs the rule's outputs on the request
@@ -35,6 +41,9 @@ pub use keys::{KeySet, MAX_JWKS_BYTES};
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Clock skew allowed on `exp` and `nbf` (Envoy's default).
 pub const CLOCK_SKEW_SECS: u64 = 60;
+/// The most tokens verified for one request; more are refused without being verified (each
+/// signature check costs, and no client needs this many).
+pub const MAX_TOKENS: usize = 8;
 
 /// One rule, ready to verify.
 #[derive(Debug, Clone)]
@@ -54,7 +63,7 @@ pub struct Provider {
 #[derive(Debug, Clone, Default)]
 pub struct JwtAuthn {
     providers: Vec<Provider>,
-    /// Every location of every rule, deduplicated, in rule order.
+    /// Every location of every rule, deduplicated, in Envoy's extraction order.
     locations: Vec<Location>,
     /// Every output header of every rule: removed from client requests so they cannot be spoofed.
     output_headers: Vec<HeaderName>,
@@ -67,6 +76,8 @@ pub enum JwtFailure {
     BadFormat,
     #[error("Jwt is too large")]
     TooLarge,
+    #[error("Too many Jwts in the request")]
+    TooMany,
     #[error("Jwt header [alg] is not supported")]
     AlgNotSupported,
     #[error("Jwt issuer is not configured")]
@@ -107,7 +118,8 @@ impl JwtFailure {
     }
 }
 
-/// A token that validated.
+/// A token that validated. The one [`Outcome::Valid`] holds is the request identity; the
+/// request's other tokens (all verified too) are in `more`.
 #[derive(Debug, Clone)]
 pub struct Verified {
     /// Index of the rule that accepted it.
@@ -117,6 +129,15 @@ pub struct Verified {
     pub payload_b64: String,
     /// Where it was found (stripped before the app unless `forwardOriginalToken`).
     pub location: Location,
+    /// The request's other tokens, in extraction order (each with an empty `more`).
+    pub more: Vec<Verified>,
+}
+
+impl Verified {
+    /// This token and the others, in extraction order.
+    pub fn all(&self) -> impl Iterator<Item = &Verified> {
+        std::iter::once(self).chain(self.more.iter())
+    }
 }
 
 /// The result of authentication.
@@ -298,6 +319,7 @@ impl JwtAuthn {
                     out.locations.push(l.clone());
                 }
             }
+            out.locations.sort_by_key(Location::order_key);
             let payload_header = if rule.output_payload_to_header.is_empty() {
                 None
             } else {
@@ -344,17 +366,43 @@ impl JwtAuthn {
         if self.providers.is_empty() {
             return Outcome::NoToken;
         }
-        let Some((token, location)) = self
-            .locations
-            .iter()
-            .find_map(|l| l.find(headers, query).map(|t| (t, l)))
-        else {
-            return Outcome::NoToken;
-        };
-        let parsed = match parse_token(token) {
-            Ok(p) => p,
-            Err(f) => return Outcome::Invalid(f),
-        };
+        let mut found = Vec::new();
+        for l in &self.locations {
+            for token in l.find_all(headers, query) {
+                if found.len() == MAX_TOKENS {
+                    return Outcome::Invalid(JwtFailure::TooMany);
+                }
+                found.push((token, l));
+            }
+        }
+        // Envoy verifies from the last token extracted to the first and answers with the first
+        // failure it meets: the same order gives the same message when several tokens are bad.
+        let mut verified = Vec::with_capacity(found.len());
+        for (token, location) in found.iter().rev() {
+            match self.verify_token(token, location, now) {
+                Ok(v) => verified.push(v),
+                Err(f) => return Outcome::Invalid(f),
+            }
+        }
+        verified.reverse();
+        let mut tokens = verified.into_iter();
+        match tokens.next() {
+            None => Outcome::NoToken,
+            Some(mut first) => {
+                first.more = tokens.collect();
+                Outcome::Valid(Box::new(first))
+            }
+        }
+    }
+
+    /// Verifies one token found at `location` against the rules of its issuer that read there.
+    fn verify_token(
+        &self,
+        token: &str,
+        location: &Location,
+        now: u64,
+    ) -> Result<Verified, JwtFailure> {
+        let parsed = parse_token(token)?;
         let iss = parsed
             .claims
             .get("iss")
@@ -369,12 +417,13 @@ impl JwtAuthn {
             }
             match p.verify(token, &parsed, now) {
                 Ok(()) => {
-                    return Outcome::Valid(Box::new(Verified {
+                    return Ok(Verified {
                         provider: i,
                         payload_b64: parsed.payload_b64.to_owned(),
                         claims: parsed.claims,
                         location: location.clone(),
-                    }));
+                        more: Vec::new(),
+                    });
                 }
                 Err(f) => {
                     if failure.is_none_or(|g| f.rank() > g.rank()) {
@@ -383,7 +432,7 @@ impl JwtAuthn {
                 }
             }
         }
-        Outcome::Invalid(failure.unwrap_or(JwtFailure::IssuerNotConfigured))
+        Err(failure.unwrap_or(JwtFailure::IssuerNotConfigured))
     }
 
     /// Removes every output header of every rule from a client request: only the proxy sets them.
@@ -393,44 +442,43 @@ impl JwtAuthn {
         }
     }
 
-    /// Applies the accepting rule's outputs to the request sent to the app. Returns the new
-    /// path-and-query when the token must be removed from the query string.
+    /// Applies the accepting rules' outputs to the request sent to the app, for every token of
+    /// the request, and strips each token from where it came unless its rule forwards it.
+    /// Returns the new path-and-query's query when a token must be removed from the query string.
     pub fn apply(
         &self,
         v: &Verified,
         headers: &mut HeaderMap,
         query: Option<&str>,
     ) -> Option<String> {
-        let p = self.providers.get(v.provider)?;
-        if let Some(h) = &p.payload_header
-            && let Ok(value) = HeaderValue::from_str(&v.payload_b64)
-        {
-            headers.insert(h.clone(), value);
-        }
-        for (h, claim) in &p.claim_headers {
-            if let Some(value) = claim_value(&v.claims, claim)
-                && let Ok(value) = HeaderValue::from_str(&value)
+        let mut new_query: Option<String> = None;
+        // Envoy handles the last token first and appends each one's output headers; the request
+        // identity's values therefore come last, and the app sees them in the same order.
+        let tokens: Vec<&Verified> = v.all().collect();
+        for t in tokens.into_iter().rev() {
+            let Some(p) = self.providers.get(t.provider) else {
+                continue;
+            };
+            if let Some(h) = &p.payload_header
+                && let Ok(value) = HeaderValue::from_str(&t.payload_b64)
             {
-                headers.insert(h.clone(), value);
+                headers.append(h.clone(), value);
+            }
+            for (h, claim) in &p.claim_headers {
+                if let Some(value) = claim_value(&t.claims, claim)
+                    && let Ok(value) = HeaderValue::from_str(&value)
+                {
+                    headers.append(h.clone(), value);
+                }
+            }
+            if !p.forward {
+                let current = new_query.as_deref().or(query);
+                if let Some(q) = t.location.strip(headers, current) {
+                    new_query = Some(q);
+                }
             }
         }
-        if p.forward {
-            return None;
-        }
-        match &v.location {
-            Location::Header { name, .. } => {
-                headers.remove(name);
-                None
-            }
-            Location::Param(name) => query.map(|q| {
-                q.split('&')
-                    .filter(|kv| kv.split_once('=').map_or(*kv, |(k, _)| k) != name)
-                    .collect::<Vec<_>>()
-                    .join("&")
-            }),
-            // Cookies carry other state too: Envoy leaves them as they are.
-            Location::Cookie(_) => None,
-        }
+        new_query
     }
 }
 

@@ -445,3 +445,329 @@ fn rules_of_other_issuers_and_jwks_limits() {
     );
     assert_eq!(w.len(), 2, "{w:?}");
 }
+
+/// A request's headers from `(name, value)` pairs (repeats appended).
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+const ISS_B: &str = "https://b.example";
+
+/// Tokens signed with the test key: `tok(iss, sub, extra claims)`.
+fn tok(iss: &str, sub: &str, extra: Value) -> String {
+    let mut c = claims(extra);
+    c["iss"] = json!(iss);
+    c["sub"] = json!(sub);
+    sign(Algorithm::RS256, Some("rsa-1"), &keys().rsa, &c)
+}
+
+#[test]
+fn every_token_is_verified() {
+    let alice = tok(ISS, "alice", json!({}));
+    let bob = tok(ISS, "bob", json!({}));
+    let carol = tok(ISS_B, "carol", json!({}));
+    let forged = {
+        let mut p: Vec<String> = alice.split('.').map(str::to_owned).collect();
+        p[1] = b64(&claims(json!({"sub": "mallory"})));
+        p.join(".")
+    };
+    let expired = tok(ISS, "alice", json!({"exp": NOW - 3600}));
+    let wrong_aud = tok(ISS, "alice", json!({"aud": "other"}));
+    let stranger = tok("https://evil.example", "eve", json!({}));
+    let bearer = |t: &str| format!("Bearer {t}");
+    let mut b = rule(&[]);
+    b.rule.issuer = ISS_B.into();
+    // Rule A wants audience "shop"; rule B checks none. Both read the default locations.
+    let (authn, w) = JwtAuthn::build(&[rule(&["shop"]), b]);
+    assert!(w.is_empty(), "{w:?}");
+    let many_q = vec![format!("access_token={alice}"); MAX_TOKENS + 1].join("&");
+
+    // (case, headers, query, Ok((principal's sub, tokens verified)) or the refusal)
+    type Want = Result<(&'static str, usize), JwtFailure>;
+    let cases: Vec<(&str, HeaderMap, Option<String>, Want)> = vec![
+        (
+            "valid header, forged query",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some(format!("access_token={forged}")),
+            Err(JwtFailure::VerificationFails),
+        ),
+        (
+            "forged header, valid query",
+            headers(&[("authorization", &bearer(&forged))]),
+            Some(format!("access_token={alice}")),
+            Err(JwtFailure::VerificationFails),
+        ),
+        (
+            "valid header, garbage query",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some("access_token=abc".into()),
+            Err(JwtFailure::BadFormat),
+        ),
+        (
+            "valid header, empty query token (Envoy: a malformed token)",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some("access_token=".into()),
+            Err(JwtFailure::BadFormat),
+        ),
+        (
+            "valid header, query token of an unknown issuer",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some(format!("access_token={stranger}")),
+            Err(JwtFailure::IssuerNotConfigured),
+        ),
+        (
+            "valid header, expired query token",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some(format!("access_token={expired}")),
+            Err(JwtFailure::Expired),
+        ),
+        (
+            "valid query, header token with a wrong audience: 403",
+            headers(&[("authorization", &bearer(&wrong_aud))]),
+            Some(format!("access_token={alice}")),
+            Err(JwtFailure::AudienceNotAllowed),
+        ),
+        (
+            "two bad: Envoy reports the last extracted (the query's) first",
+            headers(&[("authorization", &bearer(&expired))]),
+            Some("access_token=abc".into()),
+            Err(JwtFailure::BadFormat),
+        ),
+        (
+            "two Authorization headers, both valid: one malformed token (as Envoy)",
+            headers(&[
+                ("authorization", &bearer(&alice)),
+                ("authorization", &bearer(&bob)),
+            ]),
+            None,
+            Err(JwtFailure::BadFormat),
+        ),
+        (
+            "repeated query parameter, second forged (Envoy reads only the first)",
+            HeaderMap::new(),
+            Some(format!("access_token={alice}&access_token={forged}")),
+            Err(JwtFailure::VerificationFails),
+        ),
+        (
+            "too many tokens",
+            HeaderMap::new(),
+            Some(many_q),
+            Err(JwtFailure::TooMany),
+        ),
+        (
+            "two valid of one issuer: the header's is the identity",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some(format!("a=1&access_token={bob}")),
+            Ok(("alice", 2)),
+        ),
+        (
+            "the same, swapped",
+            headers(&[("authorization", &bearer(&bob))]),
+            Some(format!("access_token={alice}")),
+            Ok(("bob", 2)),
+        ),
+        (
+            "two valid of two issuers: the header's is the identity",
+            headers(&[("authorization", &bearer(&alice))]),
+            Some(format!("access_token={carol}")),
+            Ok(("alice", 2)),
+        ),
+        (
+            "the same, swapped",
+            headers(&[("authorization", &bearer(&carol))]),
+            Some(format!("access_token={alice}")),
+            Ok(("carol", 2)),
+        ),
+        (
+            "one valid token",
+            headers(&[("authorization", &bearer(&carol))]),
+            Some("a=b".into()),
+            Ok(("carol", 1)),
+        ),
+    ];
+    for (name, h, q, want) in cases {
+        let got = authn.authenticate_at(&h, q.as_deref(), NOW);
+        match (got, want) {
+            (Outcome::Valid(v), Ok((sub, n))) => {
+                assert_eq!(v.claims["sub"], sub, "{name}");
+                assert_eq!(v.all().count(), n, "{name}");
+            }
+            (Outcome::Invalid(f), Err(w)) => assert_eq!(f, w, "{name}"),
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_configured_header_is_verified() {
+    let alice = tok(ISS, "alice", json!({}));
+    let bob = tok(ISS, "bob", json!({}));
+    let bad = sign(
+        Algorithm::RS256,
+        Some("rsa-1"),
+        &keys().other_rsa,
+        &claims(json!({})),
+    );
+    let mut r = rule(&[]);
+    r.rule.from_headers = vec![
+        JwtHeader {
+            name: "x-jwt".into(),
+            prefix: String::new(),
+        },
+        JwtHeader {
+            name: "Authorization".into(),
+            prefix: "Bearer ".into(),
+        },
+    ];
+    let (authn, _) = JwtAuthn::build(&[r]);
+    let auth = |t: &str| ("authorization", format!("Bearer {t}"));
+    // (case, request headers, the identity's sub or the refusal)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, Result<&'a str, JwtFailure>);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "valid Authorization, forged x-jwt",
+            vec![auth(&alice), ("x-jwt", bad.clone())],
+            Err(JwtFailure::VerificationFails),
+        ),
+        (
+            "forged Authorization, valid x-jwt",
+            vec![auth(&bad), ("x-jwt", alice.clone())],
+            Err(JwtFailure::VerificationFails),
+        ),
+        // Envoy's order sorts header locations by name: authorization before x-jwt, whatever
+        // the rule's order.
+        (
+            "both valid",
+            vec![auth(&alice), ("x-jwt", bob.clone())],
+            Ok("alice"),
+        ),
+        (
+            "both valid, swapped",
+            vec![auth(&bob), ("x-jwt", alice.clone())],
+            Ok("bob"),
+        ),
+        ("x-jwt only", vec![("x-jwt", alice.clone())], Ok("alice")),
+        (
+            "a token in the query is not looked at",
+            vec![("x-jwt", alice.clone())],
+            Ok("alice"),
+        ),
+    ];
+    for (name, pairs, want) in cases {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let got =
+            authn.authenticate_at(&headers(&pairs), Some(&format!("access_token={bad}")), NOW);
+        match (got, want) {
+            (Outcome::Valid(v), Ok(sub)) => assert_eq!(v.claims["sub"], sub, "{name}"),
+            (Outcome::Invalid(f), Err(w)) => assert_eq!(f, w, "{name}"),
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_token_is_stripped_unless_its_rule_forwards_it() {
+    let alice = tok(ISS, "alice", json!({}));
+    let bob = tok(ISS, "bob", json!({}));
+    let carol = tok(ISS_B, "carol", json!({}));
+    let bob_cookie = format!("session={bob}");
+    let with = |forward_a: bool, forward_b: bool| {
+        let mut a = rule(&[]);
+        a.rule.forward_original_token = forward_a;
+        a.rule.from_headers = vec![JwtHeader {
+            name: "authorization".into(),
+            prefix: "Bearer ".into(),
+        }];
+        a.rule.from_params = vec!["access_token".into()];
+        a.rule.from_cookies = vec!["session".into()];
+        a.rule.output_claim_to_headers = vec![ClaimToHeader {
+            header: "x-sub".into(),
+            claim: "sub".into(),
+        }];
+        let mut b = a.clone();
+        b.rule.issuer = ISS_B.into();
+        b.rule.forward_original_token = forward_b;
+        JwtAuthn::build(&[a, b]).0
+    };
+    // (case, forward A, forward B, cookie, query) => (authorization kept, cookie after, query after)
+    type Case<'a> = (&'a str, bool, bool, String, String);
+    type Want<'a> = (bool, Option<&'a str>, Option<String>);
+    let cases: Vec<(Case<'_>, Want<'_>)> = vec![
+        (
+            (
+                "nothing forwarded",
+                false,
+                false,
+                format!("a=1; session={bob}"),
+                format!("x=1&access_token={bob}&y=2"),
+            ),
+            (false, Some("a=1"), Some("x=1&y=2".into())),
+        ),
+        (
+            (
+                "A forwards",
+                true,
+                false,
+                format!("session={bob}"),
+                format!("access_token={bob}"),
+            ),
+            (true, Some(bob_cookie.as_str()), None),
+        ),
+        (
+            (
+                "only B's token (the query) is stripped",
+                true,
+                false,
+                "a=1".into(),
+                format!("access_token={carol}"),
+            ),
+            (true, Some("a=1"), Some(String::new())),
+        ),
+        (
+            (
+                "only A's tokens are stripped",
+                false,
+                true,
+                format!("session={bob}"),
+                format!("access_token={carol}&z"),
+            ),
+            (false, None, None),
+        ),
+    ];
+    for ((name, fa, fb, cookie, query), (auth_kept, cookie_after, query_after)) in cases {
+        let authn = with(fa, fb);
+        let mut h = headers(&[
+            ("authorization", &format!("Bearer {alice}")),
+            ("cookie", &cookie),
+            ("x-sub", "spoofed"),
+        ]);
+        authn.strip_output_headers(&mut h);
+        let Outcome::Valid(v) = authn.authenticate_at(&h, Some(&query), NOW) else {
+            panic!("{name}")
+        };
+        assert_eq!(v.claims["sub"], "alice", "{name}");
+        let q = authn.apply(&v, &mut h, Some(&query));
+        assert_eq!(h.contains_key("authorization"), auth_kept, "{name}");
+        assert_eq!(
+            h.get("cookie").map(|c| c.to_str().unwrap()),
+            cookie_after,
+            "{name}"
+        );
+        assert_eq!(q, query_after, "{name}");
+        // One claim header per token, the identity's last (Envoy appends them in that order).
+        let subs: Vec<&str> = h
+            .get_all("x-sub")
+            .iter()
+            .map(|s| s.to_str().unwrap())
+            .collect();
+        assert_eq!(subs.last(), Some(&"alice"), "{name}");
+        assert_eq!(subs.len(), v.all().count(), "{name}");
+    }
+}

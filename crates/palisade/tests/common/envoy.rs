@@ -91,6 +91,14 @@ fn common_tls_context(peer_id: &str) -> Value {
     })
 }
 
+/// The client side of [`common_tls_context`], offering the mesh ALPN an Istio sidecar offers
+/// for HTTP/1.1 (a PERMISSIVE server terminates mTLS only for mesh ALPN values).
+fn mesh_client_tls_context(peer_id: &str) -> Value {
+    let mut ctx = common_tls_context(peer_id);
+    ctx["alpn_protocols"] = json!(["istio-http/1.1"]);
+    ctx
+}
+
 fn router_hcm(stat_prefix: &str, cluster: &str, extra: Value) -> Value {
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -185,7 +193,7 @@ pub fn client_bootstrap(sds: &Path, port: u16, server_id: &str, server_port: u16
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": common_tls_context(server_id)
+                "common_tls_context": mesh_client_tls_context(server_id)
             }
         }),
     );
@@ -295,4 +303,26 @@ impl Envoy {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Envoy as a sidecar's inbound HTTP chain: plain HTTP on `port`, through `filters` (each a
+/// complete `http_filters` entry) and then the router, to the app on `backend_port`.
+pub fn http_filters_bootstrap(port: u16, backend_port: u16, filters: Vec<Value>) -> Value {
+    let mut chain = filters;
+    chain.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+    }));
+    let listener = json!({
+        "name": "inbound",
+        "address": socket_address(port),
+        "filter_chains": [{
+            "filters": [router_hcm("inbound", "backend", json!({ "http_filters": chain }))]
+        }]
+    });
+    bootstrap(
+        "sidecar",
+        listener,
+        vec![static_cluster("backend", backend_port)],
+    )
 }
