@@ -43,6 +43,8 @@ pub enum AdsError {
 pub struct AdsServer {
     cache: Arc<SnapshotCache>,
     mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    /// The watcher's status, when known: generation 0 means no valid config was loaded yet.
+    status: Option<watch::Receiver<Arc<crate::ConfigStatus>>>,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -58,7 +60,18 @@ impl AdsServer {
     /// Serves `cache`; `mesh` (the watcher's snapshot channel) tells which workloads an
     /// identity may read.
     pub fn new(cache: Arc<SnapshotCache>, mesh: watch::Receiver<Arc<MeshSnapshot>>) -> Self {
-        Self { cache, mesh }
+        Self {
+            cache,
+            mesh,
+            status: None,
+        }
+    }
+
+    /// Tells subscribers apart while the mesh directory has never been valid: they get
+    /// `UNAVAILABLE` (retry later) rather than a refusal that blames their identity.
+    pub fn with_status(mut self, status: watch::Receiver<Arc<crate::ConfigStatus>>) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// The workloads `id` may read: same namespace and service account.
@@ -144,6 +157,14 @@ impl AggregatedDiscoveryService for AdsServer {
                 "a mesh client certificate is required",
             ));
         };
+        if let Some(status) = &self.status
+            && status.borrow().generation == 0
+        {
+            tracing::warn!(%id, "ADS subscription deferred: no valid mesh config loaded yet");
+            return Err(Status::unavailable(
+                "the control plane has no valid mesh config yet (see its log); retry later",
+            ));
+        }
         let mut requests = request.into_inner();
         let allowed = self.allowed_names(&id);
         // Check the first request here so that a refusal says why (later ones get NOT_FOUND).

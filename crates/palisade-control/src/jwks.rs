@@ -15,7 +15,7 @@
 //! cleared); [`JwksResolver::changes`] ticks when a source's keys change, so the watcher
 //! republishes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use crate::wire::WorkloadConfig;
 
 /// Marker member of an empty key set pushed when a source has never been fetched. The proxy's
 /// `jwt` module reads the same name.
-pub const FETCH_ERROR_MEMBER: &str = "x-palisade-fetch-error";
+pub const FETCH_ERROR_MEMBER: &str = palisade_policy::workload_config::JWKS_FETCH_ERROR_MEMBER;
 /// The largest JWKS or discovery document accepted (the proxy has the same limit).
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 /// Istio's default fetch timeout.
@@ -73,6 +73,16 @@ impl JwksOptions {
         }
         o
     }
+}
+
+/// A RequestAuthentication rule whose keys are fetched over plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaintextSource {
+    /// `namespace/name`.
+    pub request_authentication: String,
+    pub issuer: String,
+    /// The `http://` URL fetched first (the JWKS, or the OIDC discovery document).
+    pub uri: String,
 }
 
 /// Where a rule's keys come from.
@@ -120,6 +130,9 @@ struct Inner {
     options: JwksOptions,
     entries: Mutex<HashMap<Source, Entry>>,
     changes: watch::Sender<u64>,
+    /// (RequestAuthentication `ns/name`, plaintext URL) pairs already warned about, so that the
+    /// warning appears once while the rule stays, not on every reload or key refresh.
+    plaintext_warned: Mutex<HashSet<(String, String)>>,
 }
 
 /// The resolver; cheap to clone.
@@ -157,6 +170,7 @@ impl JwksResolver {
                 options,
                 entries: Mutex::new(HashMap::new()),
                 changes,
+                plaintext_warned: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -169,6 +183,14 @@ impl JwksResolver {
     /// Starts fetching every source the snapshot's rules name, and stops those no longer named.
     /// Must run inside a Tokio runtime.
     pub fn sync(&self, snapshot: &MeshSnapshot) {
+        for w in self.new_plaintext_sources(snapshot) {
+            tracing::warn!(
+                request_authentication = %w.request_authentication,
+                issuer = %w.issuer,
+                uri = %w.uri,
+                "JWKS fetched over plain http: anyone on the network path can swap the keys and mint accepted tokens; use https"
+            );
+        }
         let mut wanted: HashMap<Source, Duration> = HashMap::new();
         for ra in &snapshot.request_authentications {
             for rule in &ra.resource.spec.jwt_rules {
@@ -201,6 +223,37 @@ impl JwksResolver {
                 entry.task = Some(tokio::spawn(refresh_loop(weak, source, timeout)));
             }
         }
+    }
+
+    /// The rules whose keys come over plain `http://` that were not reported yet (Istio accepts
+    /// them; they deserve a warning). Forgets rules that are gone, so one that comes back is
+    /// reported again.
+    pub fn new_plaintext_sources(&self, snapshot: &MeshSnapshot) -> Vec<PlaintextSource> {
+        let mut current = HashSet::new();
+        let mut found = Vec::new();
+        for ra in &snapshot.request_authentications {
+            let meta = &ra.resource.metadata;
+            let key = format!("{}/{}", meta.namespace(), meta.name);
+            for rule in &ra.resource.spec.jwt_rules {
+                if let Some(uri) = palisade_policy::analyze::plaintext_jwks_url(rule)
+                    && current.insert((key.clone(), uri.clone()))
+                {
+                    found.push(PlaintextSource {
+                        request_authentication: key.clone(),
+                        issuer: rule.issuer.clone(),
+                        uri,
+                    });
+                }
+            }
+        }
+        let mut warned = self
+            .inner
+            .plaintext_warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        found.retain(|f| !warned.contains(&(f.request_authentication.clone(), f.uri.clone())));
+        *warned = current;
+        found
     }
 
     /// The document pushed for `source`: the last good keys, or an empty set that fails closed.

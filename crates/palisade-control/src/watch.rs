@@ -82,17 +82,63 @@ impl ConfigWatcher {
             dir: dir.to_owned(),
             errors,
         })?;
-        let (changes, names) = crate::jwks::workload_resources(&first, &[], jwks.as_ref())?;
-        cache.apply(changes);
-        let status = ConfigStatus {
-            generation: 1,
-            workloads: names.len(),
-            ..ConfigStatus::default()
+        Self::watch_from(dir, cache, jwks, Ok(first))
+    }
+
+    /// [`Self::start_with_jwks`], but a directory that does not validate now is not fatal: its
+    /// errors are logged and published on the status channel (generation 0), nothing is
+    /// published into `cache` (a fresh process has no last good config), and the first valid
+    /// state of the directory is loaded and pushed as soon as it is written. Only a directory
+    /// that cannot be watched is an error. This is what a long-running control plane wants: its
+    /// CA must keep serving while someone fixes a policy file.
+    pub fn start_tolerant(
+        dir: &Path,
+        cache: Arc<SnapshotCache>,
+        jwks: Option<crate::jwks::JwksResolver>,
+    ) -> Result<Self, WatchError> {
+        let first = palisade_policy::load_dir(dir);
+        Self::watch_from(dir, cache, jwks, first)
+    }
+
+    fn watch_from(
+        dir: &Path,
+        cache: Arc<SnapshotCache>,
+        jwks: Option<crate::jwks::JwksResolver>,
+        first: Result<MeshSnapshot, LoadErrors>,
+    ) -> Result<Self, WatchError> {
+        let (first, names, status) = match first {
+            Ok(first) => {
+                let (changes, names) = crate::jwks::workload_resources(&first, &[], jwks.as_ref())?;
+                cache.apply(changes);
+                tracing::info!(dir = %dir.display(), workloads = names.len(), "mesh config loaded");
+                for w in &first.warnings {
+                    tracing::warn!(warning = %w, "mesh config");
+                }
+                let status = ConfigStatus {
+                    generation: 1,
+                    workloads: names.len(),
+                    ..ConfigStatus::default()
+                };
+                (first, names, status)
+            }
+            Err(errors) => {
+                tracing::error!(
+                    dir = %dir.display(),
+                    errors = errors.len(),
+                    "mesh config invalid at start: no workload config is served until the directory is fixed (the CA keeps serving)"
+                );
+                for e in errors.iter() {
+                    tracing::error!(error = %e, "invalid mesh config");
+                }
+                let status = ConfigStatus {
+                    generation: 0,
+                    workloads: 0,
+                    rejected: 1,
+                    last_error: Some(errors.to_string()),
+                };
+                (MeshSnapshot::default(), Vec::new(), status)
+            }
         };
-        tracing::info!(dir = %dir.display(), workloads = names.len(), "mesh config loaded");
-        for w in &first.warnings {
-            tracing::warn!(warning = %w, "mesh config");
-        }
         let (status_tx, status_rx) = watch::channel(Arc::new(status));
         let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
 
@@ -207,11 +253,19 @@ impl State {
                 }
             }
             Err(errors) => {
-                tracing::error!(
-                    dir = %self.dir.display(),
-                    errors = errors.len(),
-                    "mesh config change rejected; the previous config stays in force"
-                );
+                if current.generation == 0 {
+                    tracing::error!(
+                        dir = %self.dir.display(),
+                        errors = errors.len(),
+                        "mesh config change rejected; still no valid config to serve"
+                    );
+                } else {
+                    tracing::error!(
+                        dir = %self.dir.display(),
+                        errors = errors.len(),
+                        "mesh config change rejected; the previous config stays in force"
+                    );
+                }
                 for e in errors.iter() {
                     tracing::error!(error = %e, "invalid mesh config");
                 }
@@ -292,6 +346,37 @@ mod tests {
         let s = next_status(&mut status).await;
         assert_eq!((s.generation, s.last_error.is_none()), (3, true));
         assert_eq!(policies(&cache), 0);
+    }
+
+    #[tokio::test]
+    async fn tolerant_start_on_an_invalid_directory_serves_once_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "workloads.yaml", WE);
+        write(dir.path(), "policy.yaml", &AP.replace("methods", "methodz"));
+        let cache = Arc::new(SnapshotCache::new());
+        let w = ConfigWatcher::start_tolerant(dir.path(), cache.clone(), None).unwrap();
+        let mut status = w.status();
+        let s = status.borrow_and_update().clone();
+        assert_eq!((s.generation, s.rejected), (0, 1));
+        let err = s.last_error.clone().unwrap();
+        assert!(
+            err.contains("policy.yaml") && err.contains("methodz"),
+            "{err}"
+        );
+        assert!(w.snapshot().workload_entries.is_empty());
+        assert!(
+            cache
+                .current()
+                .get(WORKLOAD_CONFIG_TYPE_URL, "shop/web")
+                .is_none(),
+            "nothing is served from an invalid directory"
+        );
+
+        write(dir.path(), "policy.yaml", AP);
+        let s = next_status(&mut status).await;
+        assert_eq!((s.generation, s.last_error.is_none()), (1, true));
+        assert_eq!(policies(&cache), 1);
+        assert_eq!(w.snapshot().workload_entries.len(), 1);
     }
 
     #[test]

@@ -1,6 +1,11 @@
-//! The admin endpoint: `/stats` (Prometheus text), `/config_dump` (JSON), `/certs` (JSON),
-//! `/logging?rbac=debug|info` (RBAC decision logging at run time), `/ready` (`LIVE` once the
-//! proxy has its certificate and config and its listeners are open).
+//! The admin endpoint: `/stats` (Prometheus text), `/config_dump` (JSON, key material
+//! redacted), `/certs` (JSON), `POST /logging?rbac=debug|info` (RBAC decision logging at run
+//! time), `/ready` (`LIVE` once the proxy has its certificate and config and its listeners are
+//! open).
+//!
+//! As in Envoy, every endpoint that changes state takes POST only: a GET (which a browser
+//! fetches for any page that links to it) gets 405 and changes nothing. The endpoint listens on
+//! loopback unless told otherwise.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -85,13 +90,30 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "application/json",
             certs(shared).to_string(),
         ),
-        "/logging" => logging(shared, req.uri().query().unwrap_or("")),
+        "/logging" => {
+            if req.method() != http::Method::POST {
+                return post_required(req.method());
+            }
+            logging(shared, req.uri().query().unwrap_or(""))
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /stats /config_dump /certs /logging?rbac=debug|info /ready\n".into(),
+            "endpoints: /stats /config_dump /certs /ready, POST /logging?rbac=debug|info\n".into(),
         ),
     }
+}
+
+/// 405 for a mutating endpoint reached with another method than POST.
+fn post_required(method: &http::Method) -> Response<Full<Bytes>> {
+    let mut r = respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain",
+        format!("method {method} not allowed: this endpoint changes state, use POST\n"),
+    );
+    r.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+    r
 }
 
 fn logging(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
@@ -109,7 +131,10 @@ fn logging(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
             }
         }
     }
-    tracing::info!(rbac = shared.rbac_log.name(), "log levels changed");
+    // POST without a query only lists the levels.
+    if !query.is_empty() {
+        tracing::info!(rbac = shared.rbac_log.name(), "log levels changed");
+    }
     respond(
         StatusCode::OK,
         "text/plain",
@@ -149,7 +174,8 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "authorizationPolicies": policies,
         "routes": cfg.route_keys(),
-        "pushed": cfg.wire,
+        // What the control plane pushed, with key material redacted.
+        "pushed": cfg.wire.redacted(),
     })
 }
 

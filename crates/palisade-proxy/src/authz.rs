@@ -1,6 +1,6 @@
 //! One authorization decision on the data path: evaluate with the compiled policy, count it,
 //! count dry-run (shadow) results, and log every deny with the deciding policy and the engine's
-//! reason. `/logging?rbac=debug` also logs allowed decisions.
+//! reason. `POST /logging?rbac=debug` also logs allowed decisions.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -379,7 +379,7 @@ async fn inbound_modes_and_authorization() {
         sidecar.admin_get("/ready").await,
         (200, "LIVE\n".to_owned())
     );
-    let (status, _) = sidecar.admin_get("/logging?rbac=debug").await;
+    let (status, _) = sidecar.admin_post("/logging?rbac=debug").await;
     assert_eq!(status, 200);
     http1(&p8080, &client, "GET", "/api/debug-me", &[])
         .await

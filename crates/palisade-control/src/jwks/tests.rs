@@ -180,3 +180,32 @@ async fn resources_carry_inline_keys() {
         "{rule:?}"
     );
 }
+
+#[test]
+fn plaintext_sources_are_reported_once_per_rule_and_uri() {
+    let resolver = JwksResolver::new(JwksOptions::default());
+    let http = snapshot(r#"{issuer: "https://idp", jwksUri: "http://idp/keys"}"#);
+    let first = resolver.new_plaintext_sources(&http);
+    assert_eq!(
+        first,
+        vec![PlaintextSource {
+            request_authentication: "shop/jwt".into(),
+            issuer: "https://idp".into(),
+            uri: "http://idp/keys".into(),
+        }]
+    );
+    // A reload or a refresh of the same config: nothing new to say.
+    assert!(resolver.new_plaintext_sources(&http).is_empty());
+    // Another URI for the same rule is news; so is the first one once it came back.
+    let other = snapshot(r#"{issuer: "http://idp2"}"#);
+    let second = resolver.new_plaintext_sources(&other);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(
+        second[0].uri,
+        "http://idp2/.well-known/openid-configuration"
+    );
+    assert_eq!(resolver.new_plaintext_sources(&http), first);
+    // https is never reported.
+    let https = snapshot(r#"{issuer: "https://idp", jwksUri: "https://idp/keys"}"#);
+    assert!(resolver.new_plaintext_sources(&https).is_empty());
+}

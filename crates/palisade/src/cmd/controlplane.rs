@@ -99,7 +99,9 @@ async fn start_config_push(
     // JWKS keys of RequestAuthentications are fetched here and pushed inline to proxies.
     let jwks =
         palisade_control::jwks::JwksResolver::new(palisade_control::jwks::JwksOptions::from_env());
-    let watcher = palisade_control::ConfigWatcher::start_with_jwks(dir, cache.clone(), Some(jwks))?;
+    // A directory that does not validate now is reported and watched, not fatal: the CA must
+    // keep issuing certificates while someone fixes it (its first valid state is pushed).
+    let watcher = palisade_control::ConfigWatcher::start_tolerant(dir, cache.clone(), Some(jwks))?;
     let identity = server.serving_identity().clone();
     let key =
         palisade_identity::generate_key_and_csr(&identity, palisade_identity::KeyType::EcdsaP256)?;
@@ -112,7 +114,8 @@ async fn start_config_push(
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
-    let ads = palisade_control::AdsServer::new(cache, watcher.snapshots());
+    let ads =
+        palisade_control::AdsServer::new(cache, watcher.snapshots()).with_status(watcher.status());
     let bundle = server.trust_bundle().clone();
     let task = tokio::spawn(async move {
         let cert = palisade_identity::CertSource::from(svid);

@@ -166,7 +166,8 @@ async fn workload_row(workload: &str, admin: &str, expected: Option<&WorkloadCon
         row.config_version = v["version"].as_str().map(str::to_owned);
         let held = serde_json::from_value::<WorkloadConfig>(v["pushed"].clone()).ok();
         row.in_sync = match (held, expected) {
-            (Some(held), Some(expected)) => Some(same_config(held, expected.clone())),
+            // The sidecar shows its config with secrets redacted: compare like with like.
+            (Some(held), Some(expected)) => Some(same_config(held, expected.redacted())),
             _ => None,
         };
     }
