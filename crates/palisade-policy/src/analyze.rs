@@ -36,16 +36,51 @@ impl std::fmt::Display for Warning {
     }
 }
 
-/// Istio's protocol selection by port name: `http`, `http2`, `grpc`, `grpc-web` (optionally
-/// `-suffix`) are HTTP; anything else may carry TCP.
+/// Istio's protocol selection by port name (see [`crate::PortProtocol`]).
 fn port_is_http(name: &str) -> bool {
-    let proto = name
-        .split('-')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    matches!(proto.as_str(), "http" | "http2" | "grpc" | "h2c")
-        || name.to_ascii_lowercase().starts_with("grpc-web")
+    crate::PortProtocol::from_port_name(name).is_http()
+}
+
+/// What the mesh's path normalization leaves to the application, for a `paths` value: the
+/// mode's name, request paths the value does not match as the proxy normalizes them, the path
+/// an application that normalizes further serves for them, and which applications do. `None`
+/// when the mode leaves nothing to the application.
+fn normalization_gap(
+    mode: crate::PathNormalization,
+    path: &str,
+) -> Option<(&'static str, String, String, &'static str)> {
+    use crate::PathNormalization as N;
+    // Suffix and presence patterns do not depend on what comes before the last segment.
+    if path.starts_with('*') || !path.starts_with('/') {
+        return None;
+    }
+    let bare = path.trim_start_matches('/').trim_end_matches('*');
+    let deeper = if bare.is_empty() || bare.ends_with('/') {
+        format!("{bare}x")
+    } else {
+        bare.to_owned()
+    };
+    let served = format!("/{deeper}");
+    let encoded = deeper.split_once('/').map(|(a, b)| format!("/{a}%2F{b}"));
+    let merged = format!("//{deeper}");
+    let (name, examples, who) = match mode {
+        N::None => (
+            "NONE",
+            format!("/./{deeper} or /x/..{served}"),
+            "applications that resolve dot segments, merge slashes or decode escapes",
+        ),
+        N::Base => (
+            "BASE",
+            match &encoded {
+                Some(e) => format!("{merged} or {e}"),
+                None => merged,
+            },
+            "applications that merge slashes or decode %2F",
+        ),
+        N::MergeSlashes => ("MERGE_SLASHES", encoded?, "applications that decode %2F"),
+        N::DecodeAndMergeSlashes => return None,
+    };
+    Some((name, examples, served, who))
 }
 
 /// HTTP-only fields used by a rule, as `from[0].source.requestPrincipals`-style paths.
@@ -204,6 +239,28 @@ fn never_matching(rule: &Rule) -> Vec<String> {
     out
 }
 
+/// The plaintext `http://` URL a rule's keys are fetched from, if they are: its `jwksUri`, or
+/// the OIDC discovery document of an `http://` issuer when it names no `jwksUri`. Inline keys
+/// are never fetched. The control plane warns with the same test.
+pub fn plaintext_jwks_url(rule: &JwtRule) -> Option<String> {
+    let is_http = |u: &str| {
+        u.get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+    };
+    if !rule.jwks.is_empty() {
+        None
+    } else if !rule.jwks_uri.is_empty() {
+        is_http(&rule.jwks_uri).then(|| rule.jwks_uri.clone())
+    } else if is_http(&rule.issuer) {
+        Some(format!(
+            "{}/.well-known/openid-configuration",
+            rule.issuer.trim_end_matches('/')
+        ))
+    } else {
+        None
+    }
+}
+
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -282,6 +339,25 @@ pub fn analyze(snapshot: &MeshSnapshot) -> Vec<Warning> {
                     "several namespace-wide PeerAuthentications in {ns}: only the oldest applies"
                 ),
             });
+        }
+    }
+
+    // RequestAuthentication: keys fetched over plaintext HTTP.
+    for ra in &snapshot.request_authentications {
+        let meta = &ra.resource.metadata;
+        let key = format!("{}/{}", meta.namespace(), meta.name);
+        for (i, rule) in ra.resource.spec.jwt_rules.iter().enumerate() {
+            if let Some(url) = plaintext_jwks_url(rule) {
+                out.push(Warning {
+                    code: "jwks-over-plaintext",
+                    resource: format!("RequestAuthentication {key}"),
+                    origin: Some(ra.origin.clone()),
+                    message: format!(
+                        "jwtRules[{i}] (issuer {:?}) gets its signing keys over plain HTTP ({url}): anyone on the network path can swap the keys and mint tokens this workload accepts; serve the JWKS (and OIDC discovery) over https",
+                        rule.issuer
+                    ),
+                });
+            }
         }
     }
 
@@ -442,6 +518,31 @@ pub fn analyze(snapshot: &MeshSnapshot) -> Vec<Warning> {
                 "allow-nothing",
                 "ALLOW policy without rules: it matches nothing, so every workload it applies to denies all requests not allowed by another ALLOW policy".into(),
             ));
+        }
+        // A DENY on paths (or an ALLOW that excepts paths) protects only as far as the proxy's
+        // normalization reaches: what it leaves alone, the application may still resolve.
+        let mode = mesh.path_normalization_mode();
+        let (field, guards): (&str, fn(&Operation) -> &[String]) = match p.action() {
+            AuthzAction::Deny => ("paths", |o| &o.paths),
+            AuthzAction::Allow => ("notPaths", |o| &o.not_paths),
+            _ => ("", |_| &[]),
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            let gap = rule
+                .to
+                .iter()
+                .flatten()
+                .filter_map(|t| t.operation.as_ref())
+                .flat_map(guards)
+                .find_map(|path| Some((path, normalization_gap(mode, path)?)));
+            if let Some((path, (name, examples, served, who))) = gap {
+                out.push(warn(
+                    "path-normalization",
+                    format!(
+                        "rule[{i}] protects {field} {path:?} with pathNormalization {name}: a request for {examples} is not matched, yet {who} serve it as {served}; set meshConfig pathNormalization.normalization to DECODE_AND_MERGE_SLASHES, or make sure every application normalizes no further than the mesh"
+                    ),
+                ));
+            }
         }
         for (i, rule) in rules.iter().enumerate() {
             if p.action() == AuthzAction::Deny && only_http(rule) {

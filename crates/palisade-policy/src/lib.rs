@@ -22,6 +22,7 @@ pub mod load;
 pub mod matcher;
 pub mod mesh;
 pub mod normalize;
+pub mod protocol;
 pub mod request;
 pub mod resolve;
 pub mod snapshot;
@@ -38,6 +39,7 @@ pub use eval::{
 pub use load::load_dir;
 pub use mesh::MeshConfig;
 pub use normalize::{PathError, PathNormalization, normalize_path};
+pub use protocol::PortProtocol;
 pub use request::{RequestSpec, RequestSpecError};
 pub use resolve::{ModeSource, MtlsLevel, PolicyScope, ResolvedPolicies, WorkloadRef};
 pub use snapshot::{MeshSnapshot, Sourced};

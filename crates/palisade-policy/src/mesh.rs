@@ -29,6 +29,28 @@ pub struct MeshConfig {
     /// Palisade extension: service-account token issuers the CA trusts besides its own.
     #[serde(default)]
     pub ca_token_issuers: Vec<TokenIssuer>,
+    /// Istio's `defaultConfig` (ProxyConfig): only what security depends on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_config: Option<ProxyDefaults>,
+}
+
+/// `defaultConfig`: the proxies' defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_topology: Option<GatewayTopology>,
+}
+
+/// `defaultConfig.gatewayTopology`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayTopology {
+    /// How many trusted proxies stand in front of the workload: the client address for
+    /// `remoteIpBlocks` / `remote.ip` is read that many entries from the right of
+    /// `X-Forwarded-For`. 0 (the default): `X-Forwarded-For` is never trusted.
+    #[serde(default)]
+    pub num_trusted_proxies: u32,
 }
 
 impl Default for MeshConfig {
@@ -42,6 +64,7 @@ impl Default for MeshConfig {
             path_normalization: None,
             extension_providers: Vec::new(),
             ca_token_issuers: Vec::new(),
+            default_config: None,
         }
     }
 }
@@ -232,6 +255,14 @@ impl MeshConfig {
     }
 
     /// The path normalization requests get before path matching (BASE when unset).
+    /// `defaultConfig.gatewayTopology.numTrustedProxies` (0 when unset).
+    pub fn num_trusted_proxies(&self) -> u32 {
+        self.default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.as_ref())
+            .map_or(0, |g| g.num_trusted_proxies)
+    }
+
     pub fn path_normalization_mode(&self) -> crate::normalize::PathNormalization {
         self.path_normalization
             .as_ref()

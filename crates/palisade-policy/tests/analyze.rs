@@ -158,3 +158,148 @@ spec:
     );
     assert!(tcp.message.contains("9000 (tcp-db)"), "{}", tcp.message);
 }
+
+#[test]
+fn jwks_over_plaintext_names_the_rule_and_the_reason() {
+    // (jwtRule, the plaintext URL warned about, if any)
+    let cases: &[(&str, Option<&str>)] = &[
+        (
+            r#"{issuer: "https://idp.example", jwksUri: "http://idp.example/keys"}"#,
+            Some("http://idp.example/keys"),
+        ),
+        // No jwksUri: keys come from the issuer's OIDC discovery, here over plaintext.
+        (
+            r#"{issuer: "http://idp.example/"}"#,
+            Some("http://idp.example/.well-known/openid-configuration"),
+        ),
+        (
+            r#"{issuer: "https://idp.example", jwksUri: "https://idp.example/keys"}"#,
+            None,
+        ),
+        (r#"{issuer: "https://idp.example"}"#, None),
+        // An https jwksUri wins over an http issuer: discovery is not used.
+        (
+            r#"{issuer: "http://idp.example", jwksUri: "https://idp.example/keys"}"#,
+            None,
+        ),
+        // Inline keys are not fetched at all.
+        (
+            r#"{issuer: "http://idp.example", jwks: '{"keys":[]}'}"#,
+            None,
+        ),
+    ];
+    for (rule, expected) in cases {
+        let snap = load(&format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: foo}}\nspec:\n  jwtRules:\n  - {{issuer: \"https://other\", jwksUri: \"https://other/keys\"}}\n  - {rule}\n"
+        ));
+        let found: Vec<_> = analyze(&snap)
+            .into_iter()
+            .filter(|w| w.code == "jwks-over-plaintext")
+            .collect();
+        match expected {
+            None => assert!(found.is_empty(), "{rule}: {found:#?}"),
+            Some(url) => {
+                assert_eq!(found.len(), 1, "{rule}: {found:#?}");
+                let w = &found[0];
+                assert_eq!(w.resource, "RequestAuthentication foo/jwt", "{rule}");
+                let issuer = rule.split('"').nth(1).unwrap();
+                for needle in [
+                    "jwtRules[1]",
+                    &format!("issuer {issuer:?}"),
+                    url,
+                    "swap the keys",
+                ] {
+                    assert!(w.message.contains(needle), "{rule}: {needle:?} not in {w}");
+                }
+                assert!(w.to_string().contains("policies.yaml"), "{w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn path_protection_that_depends_on_the_applications_normalization() {
+    // (pathNormalization, action, field, path, what the warning names; empty: no warning)
+    let cases: &[(&str, &str, &str, &str, &[&str])] = &[
+        (
+            "BASE",
+            "DENY",
+            "paths",
+            "/admin/*",
+            &[
+                "paths \"/admin/*\"",
+                "BASE",
+                "//admin/x or /admin%2Fx",
+                "serve it as /admin/x",
+                "DECODE_AND_MERGE_SLASHES",
+            ],
+        ),
+        (
+            "BASE",
+            "DENY",
+            "paths",
+            "/admin",
+            &["//admin is not matched"],
+        ),
+        (
+            "MERGE_SLASHES",
+            "DENY",
+            "paths",
+            "/admin/*",
+            &["/admin%2Fx is not matched", "decode %2F"],
+        ),
+        // Merged slashes leave nothing to the application for an exact one-segment path.
+        ("MERGE_SLASHES", "DENY", "paths", "/admin", &[]),
+        ("DECODE_AND_MERGE_SLASHES", "DENY", "paths", "/admin/*", &[]),
+        ("NONE", "DENY", "paths", "/admin", &["NONE", "/./admin"]),
+        (
+            "BASE",
+            "ALLOW",
+            "notPaths",
+            "/internal/*",
+            &["notPaths \"/internal/*\"", "//internal/x"],
+        ),
+        // ALLOW on paths fails closed: a path the proxy does not match is denied.
+        ("BASE", "ALLOW", "paths", "/public/*", &[]),
+        ("BASE", "DENY", "paths", "*.php", &[]),
+    ];
+    for (mode, action, field, path, needles) in cases {
+        let snap = MeshSnapshot::from_sources(
+            Some((
+                "mesh.yaml",
+                &format!("trustDomain: td1\npathNormalization: {{normalization: {mode}}}\n"),
+            )),
+            &[
+                (
+                    "workloads.yaml".to_owned(),
+                    common::BASE_WORKLOADS.to_owned(),
+                ),
+                (
+                    "policies.yaml".to_owned(),
+                    format!(
+                        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  action: {action}\n  rules:\n  - to: [{{operation: {{ports: [\"8000\"], {field}: [\"{path}\"]}}}}]\n"
+                    ),
+                ),
+            ],
+        )
+        .unwrap();
+        let found: Vec<_> = analyze(&snap)
+            .into_iter()
+            .filter(|w| w.code == "path-normalization")
+            .collect();
+        let case = format!("{mode} {action} {field} {path}");
+        if needles.is_empty() {
+            assert!(found.is_empty(), "{case}: {found:#?}");
+            continue;
+        }
+        assert_eq!(found.len(), 1, "{case}: {found:#?}");
+        assert_eq!(found[0].resource, "AuthorizationPolicy foo/p");
+        for n in *needles {
+            assert!(
+                found[0].message.contains(n),
+                "{case}: {n:?} not in {}",
+                found[0]
+            );
+        }
+    }
+}

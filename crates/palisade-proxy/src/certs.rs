@@ -24,6 +24,23 @@ pub const INBOUND_ALPN: &[&[u8]] = &[
     b"istio",
 ];
 
+/// ALPN a Palisade client sidecar offers for HTTP: the mesh values first (a PERMISSIVE server
+/// terminates mTLS only for clients that offer one, as Istio's does), then the plain ones for
+/// servers that know only those.
+pub const MESH_HTTP_ALPN: &[&[u8]] = &[b"istio-h2", b"istio-http/1.1", b"h2", b"http/1.1"];
+/// ALPN a Palisade client sidecar offers for opaque TCP.
+pub const MESH_TCP_ALPN: &[&[u8]] = &[b"istio"];
+
+/// The ALPN values that mark a TLS client as a mesh sidecar (Istio's PERMISSIVE filter chain
+/// match): other TLS on a PERMISSIVE port is the application's own and passes through.
+pub const MESH_ALPN: &[&[u8]] = &[
+    b"istio-peer-exchange",
+    b"istio",
+    b"istio-http/1.0",
+    b"istio-http/1.1",
+    b"istio-h2",
+];
+
 /// A certificate and the roots it came with, as the agent serves them.
 #[derive(Debug, Clone)]
 pub struct CertMaterial {
@@ -53,13 +70,13 @@ pub struct TlsState {
 }
 
 impl TlsState {
-    /// A client config presenting our SVID and accepting only `server` (ALPN h2, http/1.1).
+    /// A client config presenting our SVID and accepting only `server` (ALPN [`MESH_HTTP_ALPN`]).
     /// Called per new upstream connection, never per request.
     pub fn client_for(&self, server: &SpiffeId) -> Result<Arc<ClientConfig>, CertError> {
         self.client(server, true)
     }
 
-    /// The same without ALPN: the stream is opaque TCP (the server sniffs it).
+    /// The same for opaque TCP (the mesh ALPN `istio`; the server sniffs the stream).
     pub fn client_for_tcp(&self, server: &SpiffeId) -> Result<Arc<ClientConfig>, CertError> {
         self.client(server, false)
     }
@@ -74,9 +91,8 @@ impl TlsState {
             &self.bundle,
             ServerIdentity::OneOf(vec![server.clone()]),
         )?;
-        if http {
-            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        }
+        let alpn = if http { MESH_HTTP_ALPN } else { MESH_TCP_ALPN };
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let cfg = Arc::new(cfg);
         clients.insert((server.clone(), http), Arc::clone(&cfg));
         Ok(cfg)

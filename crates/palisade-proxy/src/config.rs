@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_identity::{SpiffeId, TrustDomain};
 use palisade_policy::api::Resource;
-use palisade_policy::{CompiledPolicy, MeshSnapshot};
+use palisade_policy::{CompiledPolicy, MeshSnapshot, PortProtocol};
 
 use palisade_policy::workload_config::WorkloadConfig;
 
@@ -38,6 +38,9 @@ pub enum ConfigError {
 pub struct InboundPort {
     pub name: String,
     pub port: u16,
+    /// What the port declares (ServiceEntry `protocol`, else the port name): declared HTTP is
+    /// parsed as HTTP, declared TCP is never parsed, only `Unknown` is sniffed.
+    pub protocol: PortProtocol,
     pub listen: SocketAddr,
     pub app: SocketAddr,
 }
@@ -167,6 +170,7 @@ impl ProxyConfig {
             inbound.push(InboundPort {
                 name: name.clone(),
                 port,
+                protocol: declared_protocol(&wire, name, port),
                 listen: SocketAddr::new(address, port),
                 app,
             });
@@ -234,6 +238,20 @@ impl ProxyConfig {
         keys.sort();
         keys
     }
+}
+
+/// The protocol of workload port `port` (named `name`): a ServiceEntry that selects this
+/// workload and targets the port with a `protocol` decides (as a Kubernetes Service port's
+/// protocol does in Istio), else the port name.
+fn declared_protocol(wire: &WorkloadConfig, name: &str, port: u16) -> PortProtocol {
+    let from_service = wire
+        .services
+        .iter()
+        .filter(|s| s.endpoints.contains(&wire.workload))
+        .flat_map(|s| &s.ports)
+        .filter(|p| p.target_port.unwrap_or(p.number) == u32::from(port))
+        .find_map(|p| PortProtocol::parse(&p.protocol));
+    from_service.unwrap_or_else(|| PortProtocol::from_port_name(name))
 }
 
 fn upstream(

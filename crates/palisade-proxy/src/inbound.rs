@@ -1,5 +1,8 @@
-//! Inbound: the workload's listeners. Transport per the port's mTLS mode, protocol by ALPN or
-//! sniffing, then per-request (HTTP) or per-connection (TCP) authorization, then the app.
+//! Inbound: the workload's listeners. Transport per the port's mTLS mode, protocol as the port
+//! declares it (HTTP parsed as HTTP, TCP never parsed; only undeclared ports are sniffed), then
+//! per-request (HTTP) or per-connection (TCP) authorization, then the app. What the application
+//! receives is what was authorized: the normalized path, the proxy's own identity header, no
+//! hop-by-hop headers.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -7,33 +10,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderName, HeaderValue};
+use http::header::{HOST, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use palisade_policy::api::MtlsMode;
-use palisade_policy::{HeaderLookup, HttpAttributes, RequestContext};
+use palisade_policy::{HeaderLookup, HttpAttributes, PortProtocol, RequestContext};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shared;
 use crate::authz::{Outcome, authorize};
 use crate::ext_authz::body::RequestBody;
-use crate::sniff::{Protocol, detect};
+use crate::framing::FramingGuard;
+use crate::headers::{XFCC, check_http1_head};
+use crate::limits::{ConnectionCap, Idle};
+use crate::sniff::{Hello, Protocol, Rewind, detect, detect_http, read_client_hello};
 
 pub use crate::body::Body;
+pub use crate::headers::strip_hop_by_hop;
 
-pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Headers that belong to one hop (RFC 9110 section 7.6.1) and are not forwarded.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    http::header::PROXY_AUTHORIZATION,
-];
 
 /// Facts about one inbound connection, fixed at accept/handshake time.
 #[derive(Debug)]
@@ -50,17 +47,21 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     /// What the policy engine sees of `req` on this connection (`headers` wraps its headers).
+    /// `trusted_proxies`: the mesh's `numTrustedProxies`, for the client address.
     pub fn request_context<'a, B>(
         &'a self,
         req: &'a Request<B>,
         headers: &'a Headers<'a>,
         jwt: Option<&'a serde_json::Value>,
+        trusted_proxies: u32,
     ) -> RequestContext<'a> {
+        let remote_ip = (trusted_proxies > 0)
+            .then(|| crate::headers::remote_ip(req.headers(), self.source.ip(), trusted_proxies));
         RequestContext {
             port: self.port,
             destination_ip: Some(self.local_ip),
             source_ip: Some(self.source.ip()),
-            remote_ip: None,
+            remote_ip,
             peer_principal: self.principal.as_deref(),
             sni: self.sni.as_deref(),
             http: Some(HttpAttributes {
@@ -74,8 +75,8 @@ impl ConnInfo {
     }
 }
 
-/// Accepts on one inbound listener.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
+/// Accepts on one inbound listener; `cap` is shared by every worker accepting on it.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16, cap: ConnectionCap) {
     loop {
         let (tcp, source) = match listener.accept().await {
             Ok(c) => c,
@@ -85,12 +86,18 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            shared.metrics.connection("inbound", "over_limit");
+            tracing::warn!(port, %source, "inbound connection refused: the listener is at its connection limit");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             shared.metrics.active_connections.inc();
             handle(&shared, tcp, source, port).await;
             shared.metrics.active_connections.dec();
+            drop(permit);
         });
     }
 }
@@ -104,8 +111,12 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         return;
     };
     let mode = cfg.policy.mtls().for_port(port).mode;
+    let declared = cfg
+        .inbound_port(port)
+        .map_or(PortProtocol::Unknown, |p| p.protocol);
     let local_ip = tcp.local_addr().map_or(cfg.address, |a| a.ip());
     drop(cfg);
+    let limits = shared.options.limits;
     let plain_info = || ConnInfo {
         port,
         source,
@@ -129,16 +140,34 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         }
         MtlsMode::Permissive | MtlsMode::Unset => looks_like_tls(&tcp).await,
     };
+    let tcp = Idle::new(tcp, limits.idle_timeout);
     if !tls {
         shared.metrics.handshake(mode_name(mode), "plaintext");
-        serve_stream(shared, Arc::new(plain_info()), tcp).await;
+        serve_declared(shared, Arc::new(plain_info()), tcp, declared, None).await;
         return;
     }
+    let stream = if mode == MtlsMode::Strict {
+        Rewind::new(Vec::new(), tcp)
+    } else {
+        // PERMISSIVE: mTLS only for clients offering a mesh ALPN (Istio's filter chain match);
+        // other TLS is the application's own (HTTPS, a database) and passes through untouched.
+        let (hello, stream) = read_client_hello(tcp, TLS_HANDSHAKE_TIMEOUT).await;
+        if let Hello::Alpn(offered) = &hello
+            && !offered
+                .iter()
+                .any(|p| crate::certs::MESH_ALPN.contains(&p.as_slice()))
+        {
+            shared.metrics.handshake(mode_name(mode), "tls_passthrough");
+            serve_tcp(shared, Arc::new(plain_info()), stream).await;
+            return;
+        }
+        stream
+    };
     let Some(state) = shared.certs.tls() else {
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&state.server));
-    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.handshake(mode_name(mode), "failed");
@@ -166,7 +195,11 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         }
         _ => None,
     };
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let alpn = match session.alpn_protocol() {
+        Some(b"h2" | b"istio-h2") => Some(Protocol::Http2),
+        Some(b"http/1.1" | b"istio-http/1.1" | b"istio-http/1.0") => Some(Protocol::Http1),
+        _ => None,
+    };
     let info = Arc::new(ConnInfo {
         port,
         source,
@@ -175,12 +208,36 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         sni: session.server_name().map(str::to_owned),
         xfcc,
     });
-    match alpn.as_deref() {
-        Some(b"h2" | b"istio-h2") => serve_http(shared, info, stream, Protocol::Http2).await,
-        Some(b"http/1.1" | b"istio-http/1.1" | b"istio-http/1.0") => {
-            serve_http(shared, info, stream, Protocol::Http1).await
+    serve_declared(shared, info, stream, declared, alpn).await;
+}
+
+/// Serves a (plaintext or decrypted) stream as its port declares: HTTP (HTTP/2 by ALPN or
+/// preface, else HTTP/1; never TCP), opaque TCP, or, undeclared, whatever sniffing finds.
+async fn serve_declared<S>(
+    shared: &Arc<Shared>,
+    info: Arc<ConnInfo>,
+    stream: S,
+    declared: PortProtocol,
+    alpn: Option<Protocol>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if declared.is_opaque() {
+        return serve_tcp(shared, info, stream).await;
+    }
+    if declared.is_http() {
+        if let Some(p) = alpn {
+            return serve_http(shared, info, stream, p).await;
         }
-        _ => serve_stream(shared, info, stream).await,
+        let timeout = shared.options.limits.header_read_timeout;
+        if let Some((p, stream)) = detect_http(stream, timeout).await {
+            serve_http(shared, info, stream, p).await;
+        }
+        return;
+    }
+    match alpn {
+        Some(p) => serve_http(shared, info, stream, p).await,
+        None => serve_stream(shared, info, stream).await,
     }
 }
 
@@ -193,7 +250,7 @@ async fn looks_like_tls(tcp: &TcpStream) -> bool {
     )
 }
 
-/// Sniffs HTTP/1, HTTP/2 or TCP on a (plaintext or decrypted) stream and serves it.
+/// Sniffs HTTP/1, HTTP/2 or TCP on a stream of an undeclared port and serves it.
 async fn serve_stream<S>(shared: &Arc<Shared>, info: Arc<ConnInfo>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -217,16 +274,15 @@ where
         let info = Arc::clone(&info);
         async move { Ok::<_, Infallible>(request(&shared, &info, req).await) }
     });
+    let limits = &shared.options.limits;
     let result = if protocol == Protocol::Http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .serve_connection(io, service)
-            .await
+        limits.http2_server().serve_connection(io, service).await
     } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .serve_connection(io, service)
-            .await
+        let io = TokioIo::new(FramingGuard::new(
+            io.into_inner(),
+            limits.h1_max_header_size(),
+        ));
+        limits.http1_server().serve_connection(io, service).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
@@ -265,10 +321,23 @@ pub fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
-pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+/// The request target the application receives: the path exactly as authorization normalized
+/// it, with the query as sent (after the JWT step took its token out of it). `None` when the
+/// path does not normalize (authorization refused it already).
+fn forwarded_target(uri: &Uri, mode: palisade_policy::PathNormalization) -> Option<Uri> {
+    let path = palisade_policy::normalize_path(uri.path(), mode).ok()?;
+    if let std::borrow::Cow::Borrowed(_) = path {
+        let pq = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        return Some(Uri::from(pq));
     }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    Uri::try_from(target).ok()
 }
 
 async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
@@ -278,15 +347,22 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
     let Some(port) = cfg.inbound_port(info.port) else {
         return text_response(StatusCode::NOT_FOUND, "no such port\n");
     };
+    if req.version() <= http::Version::HTTP_11
+        && let Err(e) = check_http1_head(req.version(), req.headers())
+    {
+        tracing::info!(target: "palisade::rbac", port = info.port, source = %info.source, error = %e, "request rejected before authorization");
+        return text_response(e.status(), "Bad Request");
+    }
     let mut req = req.map(RequestBody::Streaming);
     // CUSTOM (ext_authz) then JWT authentication; see `ext_authz::gate`.
     let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &mut req).await {
         Ok(g) => g,
         Err(refused) => return refused,
     };
+    let trusted_proxies = cfg.wire.mesh.num_trusted_proxies();
     let outcome = {
         let headers = Headers(req.headers());
-        let ctx = info.request_context(&req, &headers, gate.claims());
+        let ctx = info.request_context(&req, &headers, gate.claims(), trusted_proxies);
         authorize(&cfg, &ctx, true, &shared.rbac_log)
     };
     match outcome {
@@ -308,13 +384,12 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
         headers.insert(XFCC, x.clone());
     }
     gate.apply_upstream(&cfg, &mut req);
-    // Origin form for the app (`GET /path HTTP/1.1`); the Host header names the service.
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
+    // Origin form for the app (`GET /path HTTP/1.1`), with the path that was authorized; the
+    // Host header names the service.
+    let Some(target) = forwarded_target(req.uri(), cfg.policy.normalization()) else {
+        return text_response(StatusCode::BAD_REQUEST, "Bad Request");
+    };
+    *req.uri_mut() = target;
     *req.version_mut() = http::Version::HTTP_11;
     let app = port.app;
     drop(cfg);

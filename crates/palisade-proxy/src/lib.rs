@@ -3,11 +3,16 @@
 //! - Inbound ([`inbound`]): one listener per WorkloadEntry port on the workload's address,
 //!   forwarding to the application on `127.0.0.1:<app port>`. Per port the effective
 //!   PeerAuthentication mode decides the transport: STRICT (mutual TLS, client SPIFFE ID in the
-//!   trust domain or an alias), PERMISSIVE (TLS ClientHello sniffed: TLS or plaintext), DISABLE
-//!   (plaintext). Then HTTP/1.1 or HTTP/2 (ALPN, or sniffed) is authorized per request (deny:
-//!   403 `RBAC: access denied`), anything else is opaque TCP authorized per connection (deny:
-//!   closed; also closed later when a new policy denies it). The application receives
-//!   `x-forwarded-client-cert` (`By=..;Hash=..;URI=..`) set by the proxy, never the client's.
+//!   trust domain or an alias), PERMISSIVE (mutual TLS for clients offering a mesh ALPN, other
+//!   TLS passed through to the application as TCP, plaintext), DISABLE (plaintext). Then the
+//!   port's declared protocol ([`palisade_policy::PortProtocol`]: ServiceEntry `protocol` or the
+//!   port name) decides how the bytes are read: HTTP/1.1 or HTTP/2 authorized per request (deny:
+//!   403 `RBAC: access denied`; what does not parse: 400), TCP authorized per connection (deny:
+//!   closed; also closed later when a new policy denies it); only undeclared ports are sniffed.
+//!   The application receives the normalized path that was authorized and
+//!   `x-forwarded-client-cert` set by the proxy, never the client's; HTTP/1.1 framing is checked
+//!   as strictly as Envoy's codec ([`framing`]), hop-by-hop headers are stripped ([`headers`]).
+//! - Limits ([`limits`]): header cap, header-read and idle timeouts, connections per listener.
 //! - Outbound ([`outbound`]): an HTTP proxy listener for the application (absolute URI or Host
 //!   naming a ServiceEntry host or a workload address) and declared TCP upstreams. Auto mTLS:
 //!   mutual TLS to destinations with a sidecar, the server's SPIFFE ID checked against the
@@ -18,7 +23,8 @@
 //! - Config ([`ads`], [`config`]): the control plane pushes `palisade.config.v1.WorkloadConfig`
 //!   over ADS; the proxy compiles it with `palisade-policy`, NACKs what does not compile, and
 //!   swaps configs atomically (`arc-swap`): requests never take a lock.
-//! - Admin ([`admin`]): `/stats`, `/config_dump`, `/certs`, `/logging?rbac=debug`, `/ready`.
+//! - Admin ([`admin`]): `/stats`, `/config_dump` (secrets redacted), `/certs`, `POST
+//!   /logging?rbac=debug`, `/ready`; loopback by default.
 //! - Threads ([`workers`]): the data path runs on `concurrency` worker threads, Envoy's model:
 //!   each connection, its requests and the upstream pools they use stay on one worker. Admin,
 //!   xDS and certificates run on the caller's runtime.
@@ -31,9 +37,12 @@ pub mod body;
 pub mod certs;
 pub mod config;
 pub mod ext_authz;
+pub mod framing;
+pub mod headers;
 pub mod inbound;
 pub mod io;
 pub mod jwt;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod sds;
@@ -87,6 +96,8 @@ pub struct ProxyOptions {
     pub ready_file: Option<PathBuf>,
     /// Worker threads of the data path (0: one per CPU, see [`workers`]).
     pub concurrency: usize,
+    /// Header cap, timeouts and connection cap of every listener.
+    pub limits: limits::Limits,
 }
 
 /// Starting the proxy failed.
@@ -291,19 +302,21 @@ impl Proxy {
             r.map_err(|cause| ProxyError::Bind { addr: what, cause })
         };
         let s = Arc::clone(&shared);
+        let cap = limits::ConnectionCap::new(options.limits.max_connections);
         tasks.extend(on_workers(
             outbound_addr,
             shared.workers.serve(outbound_listener, move |l| {
-                outbound::serve_http(Arc::clone(&s), l)
+                outbound::serve_http(Arc::clone(&s), l, cap.clone())
             }),
         )?);
         for (l, up) in tcp_listeners {
             let s = Arc::clone(&shared);
             let listen = up.listen;
+            let cap = limits::ConnectionCap::new(options.limits.max_connections);
             tasks.extend(on_workers(
                 listen,
                 shared.workers.serve(l, move |l| {
-                    outbound::serve_tcp(Arc::clone(&s), l, up.clone())
+                    outbound::serve_tcp(Arc::clone(&s), l, up.clone(), cap.clone())
                 }),
             )?);
         }
@@ -409,10 +422,11 @@ async fn reconcile_listeners(
                     continue;
                 }
                 let s = Arc::clone(&shared);
+                let cap = limits::ConnectionCap::new(shared.options.limits.max_connections);
                 let served = std::net::TcpListener::bind(addr).and_then(|l| {
-                    shared
-                        .workers
-                        .serve(l, move |l| inbound::serve(Arc::clone(&s), l, port))
+                    shared.workers.serve(l, move |l| {
+                        inbound::serve(Arc::clone(&s), l, port, cap.clone())
+                    })
                 });
                 match served {
                     Ok(tasks) => {

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::Upstream;
 use crate::inbound::{Body, strip_hop_by_hop, text_response};
 use crate::io::MeshConn;
+use crate::limits::{ConnectionCap, Idle};
 use crate::{Shared, TcpUpstream};
 
 /// A pooling client to other workloads.
@@ -120,7 +121,7 @@ pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
         .inspect_err(|e| tracing::info!(upstream = %up.addr, expected = %id, error = %e, "outbound mTLS handshake failed"))?;
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let h2 = matches!(tls.get_ref().1.alpn_protocol(), Some(b"h2" | b"istio-h2"));
     shared
         .metrics
         .connection("outbound", if h2 { "mtls_h2" } else { "mtls" });
@@ -192,7 +193,7 @@ impl tower::Service<Uri> for MeshConnector {
 }
 
 /// The application-facing HTTP proxy listener (HTTP/1.1 and HTTP/2 prior knowledge).
-pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
+pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener, cap: ConnectionCap) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -202,6 +203,11 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            shared.metrics.connection("outbound", "over_limit");
+            tracing::warn!("outbound connection refused: the listener is at its connection limit");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -210,10 +216,30 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = Arc::clone(&svc_shared);
                 async move { Ok::<_, Infallible>(request(&shared, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+            let limits = shared.options.limits;
+            // HTTP/2 with prior knowledge or HTTP/1.1, as the application speaks.
+            let tcp = Idle::new(tcp, limits.idle_timeout);
+            let Some((protocol, stream)) =
+                crate::sniff::detect_http(tcp, limits.header_read_timeout).await
+            else {
+                return;
+            };
+            let io = TokioIo::new(stream);
+            let result = if protocol == crate::sniff::Protocol::Http2 {
+                limits.http2_server().serve_connection(io, service).await
+            } else {
+                // Requests from the application are framed as strictly as the mesh's.
+                let guarded =
+                    crate::framing::FramingGuard::new(io.into_inner(), limits.h1_max_header_size());
+                limits
+                    .http1_server()
+                    .serve_connection(TokioIo::new(guarded), service)
+                    .await
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
             }
+            drop(permit);
         });
     }
 }
@@ -316,9 +342,14 @@ fn detach_from_read_buffer<B>(req: &mut Request<B>) -> http::uri::PathAndQuery {
 }
 
 /// A declared TCP upstream: every accepted connection is spliced to the destination.
-pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstream) {
+pub async fn serve_tcp(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    up: TcpUpstream,
+    cap: ConnectionCap,
+) {
     loop {
-        let (mut app, _) = match listener.accept().await {
+        let (app, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "outbound TCP accept failed");
@@ -326,7 +357,13 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstre
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            shared.metrics.connection("outbound", "over_limit");
+            tracing::warn!(listen = %up.listen, "outbound TCP connection refused: the listener is at its connection limit");
+            continue;
+        };
         let _ = app.set_nodelay(true);
+        let mut app = Idle::new(app, shared.options.limits.idle_timeout);
         let shared = Arc::clone(&shared);
         let up = up.clone();
         tokio::spawn(async move {
@@ -356,6 +393,7 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, up: TcpUpstre
             if let Err(e) = result {
                 tracing::debug!(error = %e, "outbound TCP connection ended with an error");
             }
+            drop(permit);
         });
     }
 }

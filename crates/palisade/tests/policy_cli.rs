@@ -292,7 +292,7 @@ fn analyze_exit_codes() {
     );
 
     // Warns: an ALLOW policy without rules, and HTTP fields on a TCP port.
-    let risky = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: db-readers, namespace: prod}\nspec:\n  selector: {matchLabels: {app: db}}\n  rules:\n  - to:\n    - operation: {methods: [GET]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: prod}\nspec: {}\n";
+    let risky = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: db-readers, namespace: prod}\nspec:\n  selector: {matchLabels: {app: db}}\n  rules:\n  - to:\n    - operation: {methods: [GET]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: prod}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: prod}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {ports: [\"8080\"], paths: [\"/admin/*\"]}\n";
     let dir = mesh_dir(&[("risky.yaml", risky)]);
     let out = palisade(&["analyze", "--config", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
@@ -302,6 +302,11 @@ fn analyze_exit_codes() {
         "{text}"
     );
     assert!(text.contains("[allow-nothing]"), "{text}");
+    // A DENY on a path prefix under the default (BASE) normalization.
+    assert!(
+        text.contains("[path-normalization]") && text.contains("//admin/x or /admin%2Fx"),
+        "{text}"
+    );
 
     // Does not load.
     let dir = mesh_dir(&[("bad.yaml", "kind: Nonsense\n")]);

@@ -79,7 +79,7 @@ fn response(
 /// The providers of the CUSTOM policies that match the request, in order.
 fn custom_providers<B>(cfg: &ProxyConfig, info: &ConnInfo, req: &Request<B>) -> Vec<String> {
     let headers = Headers(req.headers());
-    let ctx = info.request_context(req, &headers, None);
+    let ctx = info.request_context(req, &headers, None, cfg.wire.mesh.num_trusted_proxies());
     // A bad request (400) is answered by the authorization step that follows.
     cfg.policy
         .evaluate(&ctx)

@@ -46,6 +46,20 @@ pub struct ProxyArgs {
         env = "PALISADE_CONCURRENCY"
     )]
     pub concurrency: usize,
+    /// Largest request header block accepted, in KiB (Envoy's `max_request_headers_kb`);
+    /// larger requests get 431.
+    #[arg(long, value_name = "KIB", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub max_request_headers_kb: u32,
+    /// How long a client may take to send a request's headers (also the longest pause before
+    /// the next request on a kept-alive HTTP/1.1 connection).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::token::parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// A connection (HTTP or TCP, any listener) with no traffic for this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = super::token::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Concurrent downstream connections per listener; more are closed as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +107,12 @@ impl ProxyArgs {
             tcp_upstreams: self.tcp_upstreams.clone(),
             ready_file: self.ready_file.clone(),
             concurrency: self.concurrency,
+            limits: palisade_proxy::limits::Limits {
+                max_request_headers: self.max_request_headers_kb as usize * 1024,
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
+                max_connections: self.max_connections as usize,
+            },
         }
     }
 }

@@ -273,6 +273,13 @@ impl Sidecar {
         http_get(&self.admin, path).await.unwrap()
     }
 
+    /// `POST path` on the admin endpoint (what its mutating endpoints, e.g. `/logging`, take).
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        http1(&self.admin, &Transport::Plain, "POST", path, &[])
+            .await
+            .unwrap()
+    }
+
     /// Sum of the Prometheus samples whose line starts with `prefix` and contains every `needle`.
     pub async fn stat(&self, prefix: &str, needles: &[&str]) -> f64 {
         let (_, body) = self.admin_get("/stats").await;
@@ -404,7 +411,8 @@ impl Transport {
             cert,
             server: SpiffeId::parse(server).unwrap(),
             bundle,
-            alpn: vec![b"http/1.1".to_vec()],
+            // What a mesh sidecar offers for HTTP/1.1 (Istio's ALPN for mTLS in the mesh).
+            alpn: vec![b"istio-http/1.1".to_vec()],
         }
     }
 
