@@ -341,6 +341,20 @@ fn forwarded_target(uri: &Uri, mode: palisade_policy::PathNormalization) -> Opti
 }
 
 async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let grpc = crate::grpc::is_grpc(req.headers());
+    let resp = authorize_and_forward(shared, info, req).await;
+    // The proxy's own refusals reach a gRPC client as gRPC statuses, as Envoy sends them.
+    if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), Body::Local(_)) {
+        return crate::grpc::local_reply(resp);
+    }
+    resp
+}
+
+async fn authorize_and_forward(
+    shared: &Shared,
+    info: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let Some(cfg) = shared.config.load_full() else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
     };
@@ -390,8 +404,25 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
         return text_response(StatusCode::BAD_REQUEST, "Bad Request");
     };
     *req.uri_mut() = target;
-    *req.version_mut() = http::Version::HTTP_11;
     let app = port.app;
+    if matches!(port.protocol, PortProtocol::Grpc | PortProtocol::Http2) {
+        drop(cfg);
+        return match Box::pin(shared.app_h2_pool().send(app, req)).await {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                gate.apply_downstream(resp.headers_mut());
+                resp.map(Body::Upstream)
+            }
+            Err(e) => {
+                tracing::info!(port = info.port, error = %e, "no response from the application");
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers",
+                )
+            }
+        };
+    }
+    *req.version_mut() = http::Version::HTTP_11;
     drop(cfg);
     // Boxed (as hyper-util's client boxes its response future): the exchange holds the request
     // while it is handed over, and inlined it would double this future's size.
@@ -490,6 +521,11 @@ mod tests {
             future_size::<&super::Shared, &super::ConnInfo, super::Request<super::Incoming>, _>(
                 super::request,
             );
+        let inner =
+            future_size::<&super::Shared, &super::ConnInfo, super::Request<super::Incoming>, _>(
+                super::authorize_and_forward,
+            );
+        let size = size.max(inner);
         assert!(size <= 2048, "inbound request future is {size} bytes");
     }
 }

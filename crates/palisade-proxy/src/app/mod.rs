@@ -1,5 +1,6 @@
 //! The inbound path's connections to the application: HTTP/1.1 on loopback, one pool per
-//! worker (see [`crate::workers`]), spoken by the proxy itself ([`h1`]).
+//! worker (see [`crate::workers`]), spoken by the proxy itself ([`h1`]); HTTP/2 with prior
+//! knowledge for ports that declare it (gRPC), through hyper ([`h2`]).
 //!
 //! Why not hyper's client here: each of its connections is a task with a request channel and
 //! its own read and write buffers, ~60 KiB per connection once a 64-connection load has passed
@@ -13,6 +14,7 @@
 
 pub mod body;
 pub mod h1;
+pub mod h2;
 
 use std::collections::HashMap;
 use std::io;
