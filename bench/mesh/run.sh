@@ -4,8 +4,9 @@
 #   bash bench/mesh/run.sh [--quick] [bench.py options, e.g. --repeats 5 --duration 20]
 #
 # Installs what is missing (nginx, wrk and openssl from the distribution with apt-get; Envoy with
-# scripts/install-envoy.sh), builds palisade in release mode, then runs bench.py, which prints the
-# table and writes bench/mesh/results/latest.json. See docs/benchmarks.md.
+# scripts/install-envoy.sh), builds palisade with the dist profile (target/dist/), then runs
+# bench.py, which prints the table and writes bench/mesh/results/latest.json. See
+# docs/benchmarks.md.
 #
 # Environment: PALISADE_BIN (skip the build, use this binary), PALISADE_ENVOY (use this envoy),
 # BENCH_KEEP_WORK=1 (keep the scratch directory with every config and log).
@@ -53,9 +54,10 @@ fi
 
 palisade="${PALISADE_BIN:-}"
 if [ -z "$palisade" ]; then
-    log "cargo build --release -p palisade (a first release build takes a while on a small machine)"
-    (cd "$root" && cargo build --release -p palisade >&2)
-    palisade="${CARGO_TARGET_DIR:-$root/target}/release/palisade"
+    # dist: fat LTO and one codegen unit, as release artifacts are built (Cargo.toml).
+    log "cargo build --profile dist -p palisade (a first dist build takes a while on a small machine)"
+    (cd "$root" && cargo build --profile dist -p palisade >&2)
+    palisade="${CARGO_TARGET_DIR:-$root/target}/dist/palisade"
 fi
 [ -x "$palisade" ] || { log "no palisade binary at $palisade"; exit 1; }
 

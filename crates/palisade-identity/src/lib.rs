@@ -41,8 +41,9 @@ pub use keys::{
 pub use pem::{FileMode, PemError};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use tls::{
-    CertSource, ClientAuth, ServerIdentity, SpiffeClientVerifier, SpiffeServerVerifier, Svid,
-    SvidResolver, TlsError, client_config, crypto_provider, peer_spiffe_id, server_config,
+    CertSource, ClientAuth, MinTlsVersion, ServerIdentity, SpiffeClientVerifier,
+    SpiffeServerVerifier, Svid, SvidResolver, TlsError, client_config, crypto_provider,
+    peer_spiffe_id, server_config, server_config_min,
 };
 
 /// Re-exported so callers name the same versions of the DER types.

@@ -429,16 +429,48 @@ pub fn peer_spiffe_id(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<Spiff
     crate::cert::spiffe_id_of(leaf).ok()
 }
 
+/// The lowest TLS version a server accepts (Istio's `meshMTLS.minProtocolVersion`); the highest
+/// is always TLS 1.3.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MinTlsVersion {
+    /// Istio's default.
+    #[default]
+    Tls12,
+    Tls13,
+}
+
+impl MinTlsVersion {
+    /// The versions offered, most preferred first.
+    pub fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        match self {
+            MinTlsVersion::Tls12 => PROTOCOL_VERSIONS,
+            MinTlsVersion::Tls13 => TLS13_ONLY,
+        }
+    }
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 /// Server config presenting `cert` (an [`Svid`] or a [`SvidResolver`] for rotation) and verifying
-/// clients against `bundle`.
+/// clients against `bundle`; TLS 1.2 and 1.3.
 pub fn server_config(
     cert: impl Into<CertSource>,
     bundle: &TrustBundle,
     client_auth: ClientAuth,
 ) -> Result<ServerConfig, TlsError> {
+    server_config_min(cert, bundle, client_auth, MinTlsVersion::default())
+}
+
+/// [`server_config`] accepting no TLS version below `min`.
+pub fn server_config_min(
+    cert: impl Into<CertSource>,
+    bundle: &TrustBundle,
+    client_auth: ClientAuth,
+    min: MinTlsVersion,
+) -> Result<ServerConfig, TlsError> {
     let verifier = SpiffeClientVerifier::new(bundle.clone(), client_auth)?;
     let builder = ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .with_protocol_versions(min.versions())
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier);
     Ok(builder.with_cert_resolver(cert.into().resolver()))

@@ -55,7 +55,7 @@ impl PolicyInfo {
 pub(crate) enum Attr {
     Principal(StrSet),
     RequestPrincipal(Box<[RequestPrincipalPattern]>),
-    Namespace(StrSet),
+    Namespace(Box<[NamespacePattern]>),
     /// `(namespace, service account)` pairs.
     ServiceAccount(Box<[(Box<str>, Box<str>)]>),
     TrustDomain(StrSet),
@@ -574,7 +574,7 @@ fn source_checks(src: &Source, loc: &str, b: &mut RuleBuilder<'_>) -> Vec<Check>
         rps,
         true,
     );
-    let nss = |v: &[String]| Attr::Namespace(StrSet::new(v, false));
+    let nss = |v: &[String]| Attr::Namespace(namespaces(v));
     b.values_check(
         &mut c,
         loc,
@@ -712,7 +712,7 @@ fn when_attr(key: &WhenKey, values: &[String], b: &RuleBuilder<'_>) -> Attr {
         }
         WhenKey::SourceIp => Attr::SourceIp(IpSet::new(values)),
         WhenKey::RemoteIp => Attr::RemoteIp(IpSet::new(values)),
-        WhenKey::SourceNamespace => Attr::Namespace(StrSet::new(values, false)),
+        WhenKey::SourceNamespace => Attr::Namespace(namespaces(values)),
         WhenKey::SourcePrincipal => {
             Attr::Principal(StrSet::new(&expand_principals(values, b.bundle), false))
         }
@@ -741,6 +741,10 @@ fn when_attr(key: &WhenKey, values: &[String], b: &RuleBuilder<'_>) -> Attr {
         WhenKey::ConnectionSni => Attr::Sni(StrSet::new(values, false)),
         WhenKey::EnvoyFilter { .. } => Attr::EnvoyFilter,
     }
+}
+
+fn namespaces(values: &[String]) -> Box<[NamespacePattern]> {
+    values.iter().map(|v| NamespacePattern::parse(v)).collect()
 }
 
 fn service_accounts(values: &[String], policy_ns: &str) -> Box<[(Box<str>, Box<str>)]> {
@@ -857,7 +861,10 @@ fn index_keys(rule: &CompiledRule) -> IndexKeys {
         return IndexKeys::Principals(keys);
     }
     if let Some(keys) = from_key(rule, |c| match (&c.attr, c.negate) {
-        (Attr::Namespace(s), false) => exact(s),
+        (Attr::Namespace(pats), false) => pats
+            .iter()
+            .map(|p| p.exact().map(Box::<str>::from))
+            .collect(),
         _ => None,
     }) {
         return IndexKeys::Namespaces(keys);

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::api::{AuthzAction, MtlsMode};
 use crate::compile::{Attr, Check, Clause, CompiledPolicy, CompiledRule, Engine, RuleSet};
 use crate::index::{Candidates, IndexQuery};
-use crate::matcher::{PeerIdentity, canonical_ip};
+use crate::matcher::{PeerIdentity, canonical_ip, service_account_matches};
 use crate::normalize::{PathError, normalize_path};
 
 /// Header access for evaluation. Names are given in lowercase; implementations compare
@@ -491,8 +491,7 @@ fn audiences(claims: &Value) -> impl Iterator<Item = &str> {
 fn candidates_for(set: &RuleSet, p: &Prepared<'_>, cands: &mut Candidates) {
     cands.clear();
     let q = IndexQuery {
-        principal: p.peer.map(|x| x.principal),
-        namespace: p.peer.and_then(|x| x.namespace),
+        peer: p.peer,
         path: p.http.map(|_| &*p.path),
         source_ip: p.source_ip,
         port: p.port,
@@ -571,18 +570,11 @@ fn attr_matches(a: &Attr, p: &Prepared<'_>) -> bool {
         Attr::RequestPrincipal(pats) => {
             p.jwt.is_some() && pats.iter().any(|pt| pt.matches(p.iss, p.sub))
         }
-        Attr::Namespace(s) => p
-            .peer
-            .and_then(|x| x.namespace)
-            .is_some_and(|ns| s.matches(ns)),
-        Attr::ServiceAccount(list) => match p.peer {
-            Some(PeerIdentity {
-                namespace: Some(ns),
-                service_account: Some(sa),
-                ..
-            }) => list.iter().any(|(n, a)| **n == *ns && **a == *sa),
-            _ => false,
-        },
+        Attr::Namespace(pats) => p.peer.is_some_and(|x| pats.iter().any(|n| n.matches(&x))),
+        Attr::ServiceAccount(list) => p.peer.is_some_and(|x| {
+            list.iter()
+                .any(|(ns, sa)| service_account_matches(&x, ns, sa))
+        }),
         Attr::TrustDomain(s) => p.peer.is_some_and(|x| s.matches(x.trust_domain)),
         Attr::SourceIp(set) => p.source_ip.is_some_and(|ip| set.contains(ip)),
         Attr::RemoteIp(set) => p.remote_ip.is_some_and(|ip| set.contains(ip)),
@@ -1132,11 +1124,18 @@ fn describe_actual(a: &Attr, p: &Prepared<'_>) -> String {
         Attr::Principal(_) => p.peer.map_or_else(peer_missing, |x| format!("peer principal {:?}", x.principal)),
         Attr::Namespace(_) => p.peer.map_or_else(peer_missing, |x| match x.namespace {
             Some(ns) => format!("peer namespace {ns:?}"),
-            None => format!("peer principal {:?} has no namespace", x.principal),
+            // Not `<td>/ns/<ns>/sa/<sa>`: say which regex decides, since it is not a plain compare.
+            None => format!(
+                "peer principal {:?} (not <td>/ns/<ns>/sa/<sa>; a namespace matches as Istio's regex \".*/ns/<namespace>/.*\")",
+                x.principal
+            ),
         }),
         Attr::ServiceAccount(_) => p.peer.map_or_else(peer_missing, |x| match (x.namespace, x.service_account) {
             (Some(ns), Some(sa)) => format!("peer service account \"{ns}/{sa}\""),
-            _ => format!("peer principal {:?} has no service account", x.principal),
+            _ => format!(
+                "peer principal {:?} (not <td>/ns/<ns>/sa/<sa>; a service account matches as Istio's regex \"spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?\")",
+                x.principal
+            ),
         }),
         Attr::TrustDomain(_) => p.peer.map_or_else(peer_missing, |x| format!("peer trust domain {:?}", x.trust_domain)),
         Attr::RequestPrincipal(_) => match (p.jwt, p.iss, p.sub) {

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
+use crate::matcher::PeerIdentity;
+
 /// A small, fast, non-cryptographic hasher (FxHash). Keys come from configuration, so adversarial
 /// collisions are not a concern; lookups with request data only probe.
 #[derive(Default, Clone, Copy)]
@@ -226,8 +228,9 @@ pub(crate) struct RuleIndex {
 
 /// What the index needs from a request.
 pub(crate) struct IndexQuery<'a> {
-    pub principal: Option<&'a str>,
-    pub namespace: Option<&'a str>,
+    /// The peer: its principal, and the namespace keys that principal yields (several when
+    /// `/ns/` repeats).
+    pub peer: Option<PeerIdentity<'a>>,
     pub path: Option<&'a str>,
     pub source_ip: Option<IpAddr>,
     pub port: u16,
@@ -273,15 +276,15 @@ impl RuleIndex {
     #[inline]
     pub fn candidates(&self, q: &IndexQuery<'_>, out: &mut Candidates) {
         out.extend(&self.always);
-        if let Some(p) = q.principal
-            && let Some(r) = self.principals.get(p)
-        {
-            out.extend(r);
-        }
-        if let Some(ns) = q.namespace
-            && let Some(r) = self.namespaces.get(ns)
-        {
-            out.extend(r);
+        if let Some(peer) = q.peer {
+            if let Some(r) = self.principals.get(peer.principal) {
+                out.extend(r);
+            }
+            for ns in peer.namespace_keys() {
+                if let Some(r) = self.namespaces.get(ns) {
+                    out.extend(r);
+                }
+            }
         }
         if let Some(path) = q.path {
             if let Some(r) = self.paths.get(path) {

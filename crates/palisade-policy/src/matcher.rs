@@ -1,7 +1,7 @@
 //! Precompiled value matchers: Istio's string forms (`abc` exact, `abc*` prefix, `*abc` suffix,
 //! `*` presence), path templates (`{*}`, `{**}`), CIDR sets and port sets, plus the parsing of peer
-//! principals (`<td>/ns/<ns>/sa/<sa>`). Everything here is built once at compile time and matched
-//! per request without allocating.
+//! principals (`<td>/ns/<ns>/sa/<sa>`) and istiod's namespace and service-account regexes.
+//! Everything here is built once at compile time and matched per request without allocating.
 
 use std::net::IpAddr;
 
@@ -263,33 +263,40 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The parts of a peer principal `<td>/ns/<ns>/sa/<sa>` (the `spiffe://` scheme removed).
+/// A peer principal (the `spiffe://` scheme removed) and, when it has the canonical form
+/// `<td>/ns/<ns>/sa/<sa>`, its parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerIdentity<'a> {
     pub principal: &'a str,
     pub trust_domain: &'a str,
+    /// Set only for the canonical form: explanations name it. Matching never reads it; it follows
+    /// the regexes istiod generates (see [`NamespacePattern`], [`service_account_matches`]).
     pub namespace: Option<&'a str>,
     pub service_account: Option<&'a str>,
 }
 
 impl<'a> PeerIdentity<'a> {
-    /// Parses a principal; accepts `spiffe://` URIs too. Never fails: a principal that does not
-    /// follow the SPIFFE layout simply has no namespace or service account.
+    /// Parses a principal; accepts `spiffe://` URIs too. Never fails: a principal of another form
+    /// simply has no named namespace or service account.
     pub fn parse(principal: &'a str) -> PeerIdentity<'a> {
         let principal = principal.strip_prefix("spiffe://").unwrap_or(principal);
         let trust_domain = principal.split('/').next().unwrap_or_default();
-        let mut namespace = None;
-        let mut service_account = None;
-        let mut parts = principal.split('/').skip(1);
-        while let Some(p) = parts.next() {
-            match p {
-                "ns" if namespace.is_none() => namespace = parts.next(),
-                "sa" if namespace.is_some() && service_account.is_none() => {
-                    service_account = parts.next()
-                }
-                _ => {}
+        let mut parts = principal.split('/');
+        let (namespace, service_account) = match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+                if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
+            {
+                (Some(ns), Some(sa))
             }
-        }
+            _ => (None, None),
+        };
         PeerIdentity {
             principal,
             trust_domain,
@@ -297,6 +304,114 @@ impl<'a> PeerIdentity<'a> {
             service_account,
         }
     }
+
+    /// What follows each `/ns/` of the URI SAN `spiffe://<principal>` (overlapping occurrences
+    /// included), with whether at least one character of the principal precedes that `/ns/`.
+    /// These are the places where istiod's namespace and service-account regexes can anchor.
+    fn after_ns(&self) -> impl Iterator<Item = (bool, &'a str)> + use<'a> {
+        let p = self.principal;
+        // The scheme's last `/` can start the marker: `spiffe://ns/prod/...`.
+        let at_scheme = p.strip_prefix("ns/").map(|rest| (false, rest));
+        let mut from = 0;
+        let inner = std::iter::from_fn(move || {
+            let i = from + p.get(from..)?.find("/ns/")?;
+            // `/` is one byte, so `i + 1` is a char boundary; stepping by one finds overlaps.
+            from = i + 1;
+            Some((i > 0, &p[i + 4..]))
+        });
+        at_scheme.into_iter().chain(inner)
+    }
+
+    /// The namespaces an exact `namespaces` value (no `*`, no `/`) can match for this principal:
+    /// the segment after each `/ns/` that a `/` closes. The rule index looks rules up by them.
+    pub fn namespace_keys(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        self.after_ns()
+            .filter_map(|(_, rest)| rest.split_once('/').map(|(ns, _)| ns))
+    }
+}
+
+/// A `namespaces` / `notNamespaces` / `source.namespace` value as istiod compiles it: the regex
+/// `.*/ns/<value>/.*`, every `*` in the value becoming `.*`, which Envoy matches against the whole
+/// URI SAN `spiffe://<principal>`. So `cluster.local/ns/prod` is not in namespace `prod` (no `/`
+/// after it) while `cluster.local/ns/prod/sa/a/b` is. The value's other characters are literal:
+/// Kubernetes namespace names hold no regex syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespacePattern {
+    /// The literal pieces between the value's `*`s.
+    pieces: Box<[Box<str>]>,
+    /// The last piece followed by `/`: it must be found whole, overlaps included.
+    last_slash: Box<str>,
+}
+
+impl NamespacePattern {
+    pub fn parse(v: &str) -> NamespacePattern {
+        let pieces: Box<[Box<str>]> = v.split('*').map(Into::into).collect();
+        let last = v.rsplit('*').next().unwrap_or_default();
+        NamespacePattern {
+            pieces,
+            last_slash: format!("{last}/").into(),
+        }
+    }
+
+    /// The namespace itself when the value has no `*` and no `/` (an index key).
+    pub fn exact(&self) -> Option<&str> {
+        match &*self.pieces {
+            [one] if !one.contains('/') => Some(one),
+            _ => None,
+        }
+    }
+
+    pub fn matches(&self, peer: &PeerIdentity<'_>) -> bool {
+        // RE2's `.` does not match a line break, so Envoy's `.*` never spans one.
+        !peer.principal.contains('\n')
+            && peer.after_ns().any(|(_, rest)| self.matches_after_ns(rest))
+    }
+
+    /// `<p0>.*<p1>.* ... <pn>/.*` anchored at the start of `rest`: the first piece is a prefix,
+    /// then each piece is taken at its leftmost place (which leaves the most room for the rest).
+    fn matches_after_ns(&self, rest: &str) -> bool {
+        let [first, middle @ .., _last] = &*self.pieces else {
+            return rest.starts_with(&*self.last_slash);
+        };
+        let Some(mut tail) = rest.strip_prefix(&**first) else {
+            return false;
+        };
+        for piece in middle {
+            match tail.find(&**piece) {
+                Some(i) => tail = &tail[i + piece.len()..],
+                None => return false,
+            }
+        }
+        tail.contains(&*self.last_slash)
+    }
+}
+
+/// A `serviceAccounts` / `source.serviceAccount` value `(ns, sa)` as istiod compiles it: the
+/// regex `spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?` over the whole URI SAN, values taken
+/// literally (Istio quotes them). A bare `<td>/ns/<ns>` or an empty account never matches;
+/// `<td>/ns/<ns>/sa/<sa>/<more>` does.
+pub fn service_account_matches(peer: &PeerIdentity<'_>, ns: &str, sa: &str) -> bool {
+    if peer.principal.contains('\n') {
+        return false;
+    }
+    peer.after_ns().any(|(has_td, rest)| {
+        let Some(r) = rest.strip_prefix(ns).and_then(|r| r.strip_prefix('/')) else {
+            return false;
+        };
+        // `(.+/|)`: `sa/` starts `r`, or follows a `/` that is not `r`'s first character.
+        let mut starts = std::iter::once(0).chain(
+            r.match_indices('/')
+                .filter(|&(j, _)| j > 0)
+                .map(|(j, _)| j + 1),
+        );
+        has_td
+            && starts.any(|k| {
+                r[k..]
+                    .strip_prefix("sa/")
+                    .and_then(|t| t.strip_prefix(sa))
+                    .is_some_and(|t| t.is_empty() || (t.starts_with('/') && t.len() > 1))
+            })
+    })
 }
 
 /// A `requestPrincipals` value, split as Istio does at the last `/` into issuer and subject parts.
@@ -428,5 +543,81 @@ mod tests {
         );
         let q = PeerIdentity::parse("weird");
         assert_eq!((q.trust_domain, q.namespace), ("weird", None));
+        // Only the canonical form has named parts.
+        for odd in [
+            "td/ns/prod",
+            "td/ns/prod/sa/",
+            "td/ns/prod/sa/a/b",
+            "td/ns//sa/x",
+            "/ns/p/sa/x",
+        ] {
+            let p = PeerIdentity::parse(odd);
+            assert_eq!((p.namespace, p.service_account), (None, None), "{odd}");
+        }
+    }
+
+    /// Each case is what Envoy's full-string RE2 match of istiod's regex answers.
+    #[test]
+    fn namespace_patterns_follow_istiod_regex() {
+        let m = |v: &str, p: &str| NamespacePattern::parse(v).matches(&PeerIdentity::parse(p));
+        // `.*/ns/prod/.*`
+        assert!(m("prod", "spiffe://cluster.local/ns/prod/sa/web"));
+        assert!(m("prod", "cluster.local/ns/prod/sa/"));
+        assert!(m("prod", "cluster.local/ns/prod/sa/a/b"));
+        assert!(m("prod", "cluster.local/ns/prod/"));
+        assert!(m("prod", "other.td/ns/prod/sa/x"));
+        assert!(m("prod", "td/ns/dev/sa/x/ns/prod/y"));
+        assert!(m("x", "ns/x/y"), "the scheme's `/` starts `/ns/`");
+        assert!(!m("prod", "cluster.local/ns/prod"));
+        assert!(!m("prod", "cluster.local/ns/production/sa/x"));
+        assert!(!m("prod", "cluster.local/ns//sa/x"));
+        assert!(!m("prod", "cluster.local/ns/prod\n/sa/x"));
+        // `.*/ns/.*/.*` matches an empty namespace too.
+        assert!(m("*", "cluster.local/ns//sa/x"));
+        assert!(!m("*", "cluster.local/ns/prod"));
+        // `.*/ns/team-.*/.*` and `.*/ns/.*-prod/.*`: `.*` may span `/`.
+        assert!(m("team-*", "td/ns/team-a/sa/x"));
+        assert!(!m("team-*", "td/ns/team-a"));
+        assert!(m("*-prod", "td/ns/shop-prod/sa/x"));
+        assert!(m("*-prod", "td/ns/a/b-prod/c"));
+        assert!(!m("*-prod", "td/ns/shop-prod"));
+        // `.*/ns/a.*b/.*`, and overlapping occurrences.
+        assert!(m("a*b", "td/ns/axxb/sa/x"));
+        assert!(!m("a*b", "td/ns/axx/sa/x"));
+        assert!(m("*aa", "td/ns/aaa/sa/x"));
+        assert!(m("ns", "td/ns/ns/sa/x"));
+        assert!(
+            m("sa", "td/ns/ns/sa/x"),
+            "`/ns/` inside `/ns/ns/` anchors too"
+        );
+        assert_eq!(NamespacePattern::parse("prod").exact(), Some("prod"));
+        assert_eq!(NamespacePattern::parse("pr*").exact(), None);
+        assert_eq!(NamespacePattern::parse("a/b").exact(), None);
+        let keys: Vec<_> = PeerIdentity::parse("td/ns/ns/sa/x/ns/q")
+            .namespace_keys()
+            .collect();
+        assert_eq!(keys, ["ns", "sa"]);
+    }
+
+    #[test]
+    fn service_accounts_follow_istiod_regex() {
+        let m = |p: &str| service_account_matches(&PeerIdentity::parse(p), "prod", "web");
+        // `spiffe://.+/ns/prod/(.+/|)sa/web(/.+)?`
+        assert!(m("cluster.local/ns/prod/sa/web"));
+        assert!(m("other.td/ns/prod/sa/web"));
+        assert!(m("cluster.local/ns/prod/sa/web/extra"));
+        assert!(m("cluster.local/ns/prod/k/v/sa/web"));
+        assert!(!m("cluster.local/ns/prod/sa/web/"));
+        assert!(!m("cluster.local/ns/prod/sa/web2"));
+        assert!(!m("cluster.local/ns/prod/sa/"));
+        assert!(!m("cluster.local/ns/prod"));
+        assert!(!m("cluster.local/ns//sa/web"));
+        assert!(
+            !m("cluster.local/ns/prod//sa/web"),
+            "`(.+/|)` needs a character before `/`"
+        );
+        assert!(!m("/ns/prod/sa/web"), "`.+` needs a trust domain");
+        assert!(!m("ns/prod/sa/web"));
+        assert!(!m("cluster.local/ns/prod/sa/web\n"));
     }
 }

@@ -53,6 +53,18 @@ pub struct GatewayTopology {
     pub num_trusted_proxies: u32,
 }
 
+impl MeshConfig {
+    /// The configured minimum TLS version. Validation rejects other values, so an unknown one
+    /// (only from unvalidated input) falls back to Istio's default.
+    pub fn min_protocol_version(&self) -> MinProtocolVersion {
+        self.mesh_mtls
+            .as_ref()
+            .and_then(|m| m.min_protocol_version.as_deref())
+            .and_then(MinProtocolVersion::from_config)
+            .unwrap_or_default()
+    }
+}
+
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
@@ -72,9 +84,30 @@ impl Default for MeshConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshMtls {
-    /// `TLSV1_2` or `TLSV1_3`.
+    /// `TLS_AUTO`, `TLSV1_2` or `TLSV1_3` (see [`MinProtocolVersion`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_protocol_version: Option<String>,
+}
+
+/// `meshMTLS.minProtocolVersion`: the lowest TLS version the sidecars' inbound mTLS accepts. The
+/// highest is always TLS 1.3.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MinProtocolVersion {
+    /// `TLSV1_2`, and `TLS_AUTO` or unset (Istio's default).
+    #[default]
+    TlsV1_2,
+    TlsV1_3,
+}
+
+impl MinProtocolVersion {
+    /// Parses the MeshConfig value (Istio's `TLSProtocol` enum names).
+    pub fn from_config(v: &str) -> Option<MinProtocolVersion> {
+        match v {
+            "TLS_AUTO" | "TLSV1_2" => Some(MinProtocolVersion::TlsV1_2),
+            "TLSV1_3" => Some(MinProtocolVersion::TlsV1_3),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +335,27 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("line 1: trustDomian: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn min_protocol_version() {
+        let v = |y: &str| MeshConfig::from_yaml(y, "mesh.yaml").map(|m| m.min_protocol_version());
+        assert_eq!(v("{}").unwrap(), MinProtocolVersion::TlsV1_2);
+        assert_eq!(
+            v("meshMTLS: {minProtocolVersion: TLS_AUTO}").unwrap(),
+            MinProtocolVersion::TlsV1_2
+        );
+        assert_eq!(
+            v("meshMTLS: {minProtocolVersion: TLSV1_3}").unwrap(),
+            MinProtocolVersion::TlsV1_3
+        );
+        let err = v("meshMTLS: {minProtocolVersion: TLSV1_1}").unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "mesh.yaml: MeshConfig: meshMTLS.minProtocolVersion: \"TLSV1_1\" is not a TLS version"
+            ),
             "{err}"
         );
     }

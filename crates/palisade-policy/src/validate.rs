@@ -1184,11 +1184,13 @@ pub(crate) fn validate_mesh(m: &MeshConfig, f: &mut Findings) {
         .mesh_mtls
         .as_ref()
         .and_then(|x| x.min_protocol_version.as_deref())
-        && !matches!(v, "TLS_AUTO" | "TLSV1_2" | "TLSV1_3")
+        && crate::mesh::MinProtocolVersion::from_config(v).is_none()
     {
         f.error(
             "meshMTLS.minProtocolVersion",
-            format!("{v:?}: expected TLSV1_2 or TLSV1_3"),
+            format!(
+                "{v:?} is not a TLS version the mesh can require: expected TLSV1_2 or TLSV1_3 (TLS_AUTO means TLSV1_2; TLS 1.3 is the highest)"
+            ),
         );
     }
     if let Some(n) = m

@@ -1,15 +1,17 @@
 //! The proxy's TLS material: its SVID (rotated in place through a [`SvidResolver`], so new
 //! handshakes use the new certificate without a restart), the mesh roots, and the rustls configs
-//! derived from them (rebuilt when the roots or the trust-domain aliases change).
+//! derived from them (rebuilt when the roots, the trust-domain aliases or the minimum TLS version
+//! change).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use arc_swap::ArcSwapOption;
 use palisade_identity::{
-    CertSource, CertificateDer, ClientAuth, ServerIdentity, SpiffeId, Svid, SvidResolver,
-    TrustBundle, TrustDomain,
+    CertSource, CertificateDer, ClientAuth, MinTlsVersion, ServerIdentity, SpiffeId, Svid,
+    SvidResolver, TrustBundle, TrustDomain,
 };
+use palisade_policy::mesh::MinProtocolVersion;
 use rustls::{ClientConfig, ServerConfig};
 
 /// ALPN protocols the inbound TLS listener accepts, in preference order: HTTP first, then the
@@ -57,12 +59,13 @@ pub enum CertError {
     Bundle(#[from] palisade_identity::BundleError),
 }
 
-/// The configs of one (roots, aliases) generation.
+/// The configs of one (roots, aliases, minimum TLS version) generation.
 #[derive(Debug)]
 pub struct TlsState {
     pub own_id: SpiffeId,
     pub bundle: TrustBundle,
-    /// Inbound: client certificate required, checked against the bundle.
+    /// Inbound: client certificate required, checked against the bundle; TLS from the mesh's
+    /// `meshMTLS.minProtocolVersion` up to 1.3.
     pub server: Arc<ServerConfig>,
     /// Outbound client configs by expected server identity and ALPN use (built on first use).
     clients: Mutex<HashMap<(SpiffeId, bool), Arc<ClientConfig>>>,
@@ -117,6 +120,7 @@ pub struct Certs {
     state: ArcSwapOption<TlsState>,
     current: ArcSwapOption<CertMaterial>,
     aliases: Mutex<Vec<TrustDomain>>,
+    min_tls: Mutex<MinTlsVersion>,
 }
 
 impl Certs {
@@ -156,6 +160,26 @@ impl Certs {
         }
     }
 
+    /// Sets the inbound minimum TLS version (`meshMTLS.minProtocolVersion`); rebuilds when it
+    /// changes. Handshakes from then on use it; established connections keep theirs.
+    pub fn set_min_protocol_version(&self, min: MinProtocolVersion) -> Result<(), CertError> {
+        let min = match min {
+            MinProtocolVersion::TlsV1_2 => MinTlsVersion::Tls12,
+            MinProtocolVersion::TlsV1_3 => MinTlsVersion::Tls13,
+        };
+        {
+            let mut cur = self.min_tls.lock().unwrap_or_else(PoisonError::into_inner);
+            if *cur == min {
+                return Ok(());
+            }
+            *cur = min;
+        }
+        match self.current.load_full() {
+            Some(m) => self.rebuild(&m),
+            None => Ok(()),
+        }
+    }
+
     fn rebuild(&self, material: &CertMaterial) -> Result<(), CertError> {
         let Some(resolver) = self.resolver.get() else {
             return Ok(());
@@ -168,10 +192,12 @@ impl Certs {
             .clone();
         let bundle = TrustBundle::new(own_id.trust_domain().clone(), material.roots.clone())?
             .with_aliases(aliases);
-        let mut server = palisade_identity::server_config(
+        let min_tls = *self.min_tls.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut server = palisade_identity::server_config_min(
             CertSource::Rotating(Arc::clone(resolver)),
             &bundle,
             ClientAuth::Required,
+            min_tls,
         )?;
         server.alpn_protocols = INBOUND_ALPN.iter().map(|p| p.to_vec()).collect();
         self.state.store(Some(Arc::new(TlsState {

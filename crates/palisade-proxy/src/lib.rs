@@ -38,6 +38,7 @@ pub mod certs;
 pub mod config;
 pub mod ext_authz;
 pub mod framing;
+pub mod grpc;
 pub mod headers;
 pub mod inbound;
 pub mod io;
@@ -129,6 +130,8 @@ pub struct Shared {
     pub workers: workers::Workers,
     /// One pool to the application per worker (see [`Shared::app_pool`]).
     app_pools: Vec<app::AppPool>,
+    /// One set of HTTP/2 connections to the application per worker (ports declaring gRPC/HTTP/2).
+    app_h2_pools: Vec<app::h2::H2Pool>,
     /// One set of pools to other workloads per worker.
     mesh_pools: Vec<outbound::MeshPools>,
     /// Upstream authorities whose connections negotiated HTTP/2 (see [`outbound::MeshPools`]).
@@ -152,6 +155,12 @@ impl Shared {
     pub fn app_pool(&self) -> &app::AppPool {
         let i = workers::current().unwrap_or(0);
         &self.app_pools[i.min(self.app_pools.len() - 1)]
+    }
+
+    /// The current worker's HTTP/2 connections to the application.
+    pub fn app_h2_pool(&self) -> &app::h2::H2Pool {
+        let i = workers::current().unwrap_or(0);
+        &self.app_h2_pools[i.min(self.app_h2_pools.len() - 1)]
     }
 
     /// The current worker's pools to other workloads (see [`Shared::app_pool`]).
@@ -192,6 +201,10 @@ impl Shared {
         cfg.counters = self.metrics.decision_counters(&cfg.policy);
         if let Err(e) = self.certs.set_aliases(cfg.trust_domain_aliases.clone()) {
             tracing::error!(error = %e, "cannot rebuild TLS configs for the new trust domain aliases");
+        }
+        let min_tls = cfg.wire.mesh.min_protocol_version();
+        if let Err(e) = self.certs.set_min_protocol_version(min_tls) {
+            tracing::error!(error = %e, "cannot rebuild TLS configs for the new minimum TLS version");
         }
         tracing::info!(
             workload = %cfg.workload,
@@ -284,6 +297,9 @@ impl Proxy {
             ready: AtomicBool::new(false),
             app_pools: (0..workers.len())
                 .map(|_| app::AppPool::default())
+                .collect(),
+            app_h2_pools: (0..workers.len())
+                .map(|_| app::h2::H2Pool::default())
                 .collect(),
             mesh_pools: (0..workers.len())
                 .map(|_| outbound::MeshPools::new(weak.clone()))

@@ -298,6 +298,60 @@ async fn tls12_peer_still_works() {
     );
 }
 
+/// `meshMTLS.minProtocolVersion: TLSV1_3`: the server offers TLS 1.3 only, so a TLS 1.2-only
+/// client is refused while a default client still gets in.
+#[tokio::test]
+async fn tls13_minimum_refuses_a_tls12_client() {
+    let mesh = test_ca("cluster.local");
+    let b = bundle(&mesh, "cluster.local", &[]);
+    let server = server_config_min(
+        svid(&mesh, "spiffe://cluster.local/ns/a/sa/s"),
+        &b,
+        ClientAuth::Required,
+        MinTlsVersion::Tls13,
+    )
+    .unwrap();
+    let offered: Vec<_> = MinTlsVersion::Tls13
+        .versions()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(offered, [rustls::ProtocolVersion::TLSv1_3]);
+    let tls12_client = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+            b.clone(),
+            ServerIdentity::TrustDomain,
+        ))
+        .with_client_cert_resolver(SvidResolver::new(&svid(
+            &mesh,
+            "spiffe://cluster.local/ns/a/sa/c",
+        )));
+    let out = handshake(server.clone(), tls12_client).await;
+    let errors = format!("{:?} {:?}", out.server, out.client);
+    assert!(out.server.is_err(), "server accepted TLS 1.2: {errors}");
+    assert!(
+        errors.contains("PeerIncompatible") || errors.contains("ProtocolVersion"),
+        "not refused for its version: {errors}"
+    );
+    let client = client_config(
+        Some(CertSource::Fixed(Box::new(svid(
+            &mesh,
+            "spiffe://cluster.local/ns/a/sa/c",
+        )))),
+        &b,
+        ServerIdentity::TrustDomain,
+    )
+    .unwrap();
+    let out = handshake(server, client).await;
+    assert_eq!(
+        out.server.unwrap().unwrap().to_string(),
+        "spiffe://cluster.local/ns/a/sa/c"
+    );
+}
+
 #[tokio::test]
 async fn resolver_rotation_serves_the_new_svid() {
     let mesh = test_ca("cluster.local");
