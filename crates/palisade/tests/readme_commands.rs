@@ -140,14 +140,15 @@ fn readme_first_command_selects_the_cli_and_a_real_subcommand() {
 
     // And through `cargo run` itself, as the README's reader runs it. A nested cargo does not
     // deadlock: cargo releases the build-directory lock before it runs test binaries (it may
-    // wait for someone else's build, hence the generous limit). It rebuilds the `palisade`
-    // package once, because integration tests get their binaries from the `test` profile and
-    // `cargo run` from `dev`; the dependencies are shared. `--release` becomes the profile these
-    // tests were built with, so that no second dependency tree is compiled; `--offline`: the
-    // outer build already fetched everything.
+    // wait for someone else's build, hence the generous limit). `--release` becomes the profile
+    // these tests were built with (`test`, whose binaries the outer build already made), so
+    // nothing is compiled again: with `dev` the nested run rebuilt the workspace crates, about
+    // four minutes on a 2-core CI machine. `--offline`: the outer build fetched everything.
     let mut nested = Command::new(&cargo);
     nested.args(["run", "-q", "--offline"]);
-    if !cfg!(debug_assertions) {
+    if cfg!(debug_assertions) {
+        nested.args(["--profile", "test"]);
+    } else {
         nested.arg("--release");
     }
     nested
