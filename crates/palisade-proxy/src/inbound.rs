@@ -407,33 +407,32 @@ async fn authorize_and_forward(
     let app = port.app;
     if matches!(port.protocol, PortProtocol::Grpc | PortProtocol::Http2) {
         drop(cfg);
-        return match Box::pin(shared.app_h2_pool().send(app, req)).await {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut());
-                gate.apply_downstream(resp.headers_mut());
-                resp.map(Body::Upstream)
-            }
-            Err(e) => {
-                tracing::info!(port = info.port, error = %e, "no response from the application");
-                text_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers",
-                )
-            }
-        };
+        let answer = Box::pin(shared.app_h2_pool().send(app, req)).await;
+        return from_app(&gate, info.port, answer, Body::Upstream);
     }
     *req.version_mut() = http::Version::HTTP_11;
     drop(cfg);
     // Boxed (as hyper-util's client boxes its response future): the exchange holds the request
     // while it is handed over, and inlined it would double this future's size.
-    match Box::pin(shared.app_pool().send(app, req)).await {
+    let answer = Box::pin(shared.app_pool().send(app, req)).await;
+    from_app(&gate, info.port, answer, Body::App)
+}
+
+/// The application's answer as the client gets it, or Envoy's 503 when there is none.
+fn from_app<B, E: std::fmt::Display>(
+    gate: &crate::ext_authz::gate::Gate,
+    port: u16,
+    answer: Result<Response<B>, E>,
+    body: impl FnOnce(B) -> Body,
+) -> Response<Body> {
+    match answer {
         Ok(mut resp) => {
             strip_hop_by_hop(resp.headers_mut());
             gate.apply_downstream(resp.headers_mut());
-            resp.map(Body::App)
+            resp.map(body)
         }
         Err(e) => {
-            tracing::info!(port = info.port, error = %e, "no response from the application");
+            tracing::info!(port, error = %e, "no response from the application");
             text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers",
