@@ -141,9 +141,11 @@ fn readme_first_command_selects_the_cli_and_a_real_subcommand() {
     // And through `cargo run` itself, as the README's reader runs it. A nested cargo does not
     // deadlock: cargo releases the build-directory lock before it runs test binaries (it may
     // wait for someone else's build, hence the generous limit). `--release` becomes the profile
-    // these tests were built with (`test`, whose binaries the outer build already made), so
-    // nothing is compiled again: with `dev` the nested run rebuilt the workspace crates, about
-    // four minutes on a 2-core CI machine. `--offline`: the outer build fetched everything.
+    // these tests were built with (`test`). On a clean checkout the nested run still compiles
+    // the workspace crates once more (about four minutes on a 2-core CI machine), because
+    // `cargo test --workspace` builds dependencies with the dev-dependencies' features unified
+    // in (tokio's `test-util`, ...) and `cargo run` without them; a later run reuses both.
+    // `--offline`: the outer build fetched everything.
     let mut nested = Command::new(&cargo);
     nested.args(["run", "-q", "--offline"]);
     if cfg!(debug_assertions) {
