@@ -5,8 +5,7 @@
 //! are read. Only an undeclared port is sniffed.
 
 /// A port's declared protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PortProtocol {
     /// HTTP/1.1 (and HTTP/2 with prior knowledge): `http`.
     Http,
@@ -68,18 +67,6 @@ impl PortProtocol {
     /// Whether the port carries opaque bytes (never parsed as HTTP).
     pub fn is_opaque(self) -> bool {
         matches!(self, PortProtocol::Tcp | PortProtocol::Tls)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PortProtocol::Http => "HTTP",
-            PortProtocol::Http2 => "HTTP2",
-            PortProtocol::Grpc => "GRPC",
-            PortProtocol::GrpcWeb => "GRPC_WEB",
-            PortProtocol::Tcp => "TCP",
-            PortProtocol::Tls => "TLS",
-            PortProtocol::Unknown => "UNKNOWN",
-        }
     }
 }
 

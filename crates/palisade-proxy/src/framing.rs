@@ -123,8 +123,17 @@ impl Framing {
                 State::Head => {
                     if self.head.is_empty() {
                         self.message_start = base + i as u64;
+                        // The usual case: the whole head is in this read, checked in place.
+                        if let Some(end) = find_head_end(&data[i..], 0) {
+                            let start = self.message_start;
+                            self.state = self
+                                .on_head(&data[i..i + end])
+                                .map_err(|(status, reason)| reject(start, status, reason))?;
+                            i += end;
+                            continue;
+                        }
                     }
-                    // Take bytes up to the end of the head (or all of them).
+                    // A head split across reads: collected until it is complete.
                     let before = self.head.len();
                     self.head.extend_from_slice(&data[i..]);
                     match find_head_end(&self.head, before.saturating_sub(3)) {

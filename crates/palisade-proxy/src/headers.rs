@@ -71,22 +71,17 @@ pub fn remote_ip(headers: &HeaderMap, peer: IpAddr, trusted_proxies: u32) -> IpA
     if trusted_proxies == 0 || !headers.contains_key(XFF) {
         return peer;
     }
-    let entries: Vec<&str> = headers
+    let Some(nth) = usize::try_from(trusted_proxies - 1).ok() else {
+        return peer;
+    };
+    headers
         .get_all(XFF)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let Some(i) = usize::try_from(trusted_proxies)
-        .ok()
-        .and_then(|n| entries.len().checked_sub(n))
-    else {
-        return peer;
-    };
-    entries
-        .get(i)
-        .and_then(|e| e.parse::<IpAddr>().ok())
+        .rev()
+        .nth(nth)
+        .and_then(|e| e.trim().parse::<IpAddr>().ok())
         .unwrap_or(peer)
 }
 

@@ -116,10 +116,6 @@ impl<S> Idle<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Ready with an error once the stream has been idle for the whole timeout.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         loop {

@@ -135,7 +135,7 @@ pub struct Verified {
 
 impl Verified {
     /// This token and the others, in extraction order.
-    pub fn all(&self) -> impl Iterator<Item = &Verified> {
+    pub fn all(&self) -> impl DoubleEndedIterator<Item = &Verified> {
         std::iter::once(self).chain(self.more.iter())
     }
 }
@@ -454,8 +454,7 @@ impl JwtAuthn {
         let mut new_query: Option<String> = None;
         // Envoy handles the last token first and appends each one's output headers; the request
         // identity's values therefore come last, and the app sees them in the same order.
-        let tokens: Vec<&Verified> = v.all().collect();
-        for t in tokens.into_iter().rev() {
+        for t in v.all().rev() {
             let Some(p) = self.providers.get(t.provider) else {
                 continue;
             };
