@@ -64,7 +64,8 @@ enum State {
     Length(u64),
     Chunked(Chunk),
     /// No more checking: hyper takes it from here (a head too large or unparsable for us, which
-    /// hyper refuses itself; or a `CONNECT`, after which the bytes are not HTTP).
+    /// hyper refuses itself, ending the connection). A `CONNECT` is checked as a bodiless
+    /// request: the proxy tunnels nothing, so what follows it is read as HTTP and checked too.
     Off,
 }
 
@@ -194,12 +195,6 @@ impl Framing {
         let Ok(httparse::Status::Complete(_)) = req.parse(head) else {
             return Ok(State::Off);
         };
-        if req
-            .method
-            .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"))
-        {
-            return Ok(State::Off);
-        }
         let mut lengths = 0;
         let mut length = None;
         let mut codings: Vec<String> = Vec::new();
@@ -534,7 +529,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: a\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n5;a=b\r\nhello\r\nA \r\n0123456789\r\n0\r\nx-t: 1\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
-            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nanything at all",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
         ];
         for input in ok {
             assert_eq!(check(input), Ok(()), "{:?}", String::from_utf8_lossy(input));
@@ -554,6 +549,8 @@ mod tests {
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX", 0, 400),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n", 0, 400),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx\n", 0, 400),
+            // What follows a CONNECT (answered 400: nothing is tunnelled) is still checked.
+            (b"CONNECT a:443 HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 26, 400),
             (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 28, 400),
         ];
         for (input, at, status) in bad {
