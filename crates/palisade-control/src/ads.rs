@@ -19,7 +19,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use palisade_identity::{CertSource, ClientAuth, SpiffeId, TrustBundle};
 use palisade_policy::MeshSnapshot;
-use palisade_xds::{NamePolicy, NoObserver, ResponseStream, SnapshotCache, StreamOptions};
+use palisade_xds::{
+    NamePolicy, NoObserver, ResponseStream, SnapshotCache, StreamObserver, StreamOptions,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
@@ -45,6 +47,8 @@ pub struct AdsServer {
     mesh: watch::Receiver<Arc<MeshSnapshot>>,
     /// The watcher's status, when known: generation 0 means no valid config was loaded yet.
     status: Option<watch::Receiver<Arc<crate::ConfigStatus>>>,
+    /// Sees every stream: pushes, NACKs, open streams (metrics).
+    observer: Arc<dyn StreamObserver>,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -64,7 +68,14 @@ impl AdsServer {
             cache,
             mesh,
             status: None,
+            observer: Arc::new(NoObserver),
         }
+    }
+
+    /// Counts pushes, NACKs and connected proxies in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::ControlMetrics) -> Self {
+        self.observer = Arc::new(metrics);
+        self
     }
 
     /// Tells subscribers apart while the mesh directory has never been valid: they get
@@ -191,7 +202,7 @@ impl AggregatedDiscoveryService for AdsServer {
             stream,
             self.cache.subscribe(),
             Arc::new(options),
-            Arc::new(NoObserver),
+            Arc::clone(&self.observer),
         )))
     }
 

@@ -6,6 +6,13 @@
 //! - Each source is fetched with the rule's `timeout` (default 5 s), then refreshed every
 //!   [`JwksOptions::refresh`] (20 min by default); a failed fetch is retried after
 //!   [`JwksOptions::retry_initial`] (1 min), doubling up to [`JwksOptions::retry_max`] (60 min).
+//! - A source no rule names any more stays cached (and refreshed) for
+//!   [`JwksOptions::evict_unused_after`] (7 days, as istiod), so that a rule that comes back
+//!   (moved between files, an edit undone) has its keys at once instead of failing closed until
+//!   a fetch; then it is evicted, so sources named once do not pile up.
+//! - The timings come from `mesh.yaml`'s `jwksResolver` ([`JwksOptions::from_mesh`]); the
+//!   environment variables `PALISADE_JWKS_REFRESH` and `PALISADE_JWKS_RETRY`, when set, win
+//!   over it (a per-process override, as tests and debugging want).
 //! - The last good document is kept through failures. With none yet, the rule is pushed with an
 //!   empty key set marked with [`FETCH_ERROR_MEMBER`]: proxies refuse its tokens with
 //!   "Jwks remote fetch is failed" (fail closed, never open).
@@ -21,10 +28,13 @@ use std::time::Duration;
 
 use palisade_policy::MeshSnapshot;
 use palisade_policy::api::JwtRule;
+use palisade_policy::mesh::{JwksTimings, MeshConfig};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use crate::metrics::ControlMetrics;
 use crate::wire::WorkloadConfig;
 
 /// Marker member of an empty key set pushed when a source has never been fetched. The proxy's
@@ -35,43 +45,77 @@ pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 /// Istio's default fetch timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Refresh and retry timing.
+/// The environment variable that overrides `jwksResolver.refreshInterval`.
+pub const ENV_REFRESH: &str = "PALISADE_JWKS_REFRESH";
+/// The environment variable that overrides `jwksResolver.retryInitialInterval` (and caps the
+/// maximum at 60 times it).
+pub const ENV_RETRY: &str = "PALISADE_JWKS_RETRY";
+
+/// Refresh, retry and eviction timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JwksOptions {
     pub refresh: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How long a source no rule names stays cached.
+    pub evict_unused_after: Duration,
 }
 
 impl Default for JwksOptions {
     fn default() -> Self {
+        JwksTimings::default().into()
+    }
+}
+
+impl From<JwksTimings> for JwksOptions {
+    fn from(t: JwksTimings) -> Self {
         Self {
-            refresh: Duration::from_secs(20 * 60),
-            retry_initial: Duration::from_secs(60),
-            retry_max: Duration::from_secs(60 * 60),
+            refresh: t.refresh,
+            retry_initial: t.retry_initial,
+            retry_max: t.retry_max,
+            evict_unused_after: t.evict_unused_after,
         }
     }
 }
 
 impl JwksOptions {
-    /// Defaults, overridden by `PALISADE_JWKS_REFRESH` and `PALISADE_JWKS_RETRY` (durations such
-    /// as `2s`; the retry also caps at 60 x its first delay) when set and valid.
+    /// `mesh.yaml`'s `jwksResolver` (defaults for what it leaves out), then the environment.
+    pub fn from_mesh(mesh: &MeshConfig) -> Self {
+        Self::from(mesh.jwks_timings()).with_env(|k| std::env::var(k).ok())
+    }
+
+    /// Defaults and the environment only.
     pub fn from_env() -> Self {
-        let mut o = Self::default();
-        let get = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| palisade_policy::validate::parse_duration(&v).ok())
-                .filter(|d| !d.is_zero())
+        Self::from_mesh(&MeshConfig::default())
+    }
+
+    /// Overrides from `PALISADE_JWKS_REFRESH` and `PALISADE_JWKS_RETRY` (durations such as
+    /// `2s`; the retry also caps the maximum at 60 x its first delay), read with `get`. A value
+    /// that is not a duration greater than zero is ignored with a warning.
+    pub fn with_env(mut self, get: impl Fn(&str) -> Option<String>) -> Self {
+        let read = |k: &str| {
+            let v = get(k)?;
+            match palisade_policy::validate::parse_duration(&v) {
+                Ok(d) if !d.is_zero() => Some(d),
+                Ok(_) => {
+                    tracing::warn!(variable = k, value = %v, "ignored: must be greater than 0");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(variable = k, value = %v, error = %e, "ignored");
+                    None
+                }
+            }
         };
-        if let Some(d) = get("PALISADE_JWKS_REFRESH") {
-            o.refresh = d;
+        if let Some(d) = read(ENV_REFRESH) {
+            self.refresh = d;
         }
-        if let Some(d) = get("PALISADE_JWKS_RETRY") {
-            o.retry_initial = d;
-            o.retry_max = d.saturating_mul(60).min(o.retry_max);
+        if let Some(d) = read(ENV_RETRY) {
+            self.retry_initial = d;
+            // Never below the first delay: the backoff only grows.
+            self.retry_max = d.saturating_mul(60).min(self.retry_max).max(d);
         }
-        o
+        self
     }
 }
 
@@ -117,17 +161,38 @@ impl std::fmt::Display for Source {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Entry {
     /// The last good document (normalized JSON).
     keys: Option<String>,
     last_error: Option<String>,
     task: Option<JoinHandle<()>>,
+    /// Since when no rule names the source (`None`: in use). A channel, so that the refresh
+    /// task sleeps until the eviction time as soon as it is set.
+    unused_since: watch::Sender<Option<Instant>>,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            keys: None,
+            last_error: None,
+            task: None,
+            unused_since: watch::Sender::new(None),
+        }
+    }
+
+    fn evictable(&self, now: Instant, after: Duration) -> bool {
+        self.unused_since
+            .borrow()
+            .is_some_and(|since| now.saturating_duration_since(since) >= after)
+    }
 }
 
 #[derive(Debug)]
 struct Inner {
     options: JwksOptions,
+    metrics: ControlMetrics,
     entries: Mutex<HashMap<Source, Entry>>,
     changes: watch::Sender<u64>,
     /// (RequestAuthentication `ns/name`, plaintext URL) pairs already warned about, so that the
@@ -164,10 +229,16 @@ impl Drop for Inner {
 
 impl JwksResolver {
     pub fn new(options: JwksOptions) -> Self {
+        Self::with_metrics(options, ControlMetrics::default())
+    }
+
+    /// As [`Self::new`], counting fetches in `metrics`.
+    pub fn with_metrics(options: JwksOptions, metrics: ControlMetrics) -> Self {
         let (changes, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 options,
+                metrics,
                 entries: Mutex::new(HashMap::new()),
                 changes,
                 plaintext_warned: Mutex::new(HashSet::new()),
@@ -180,8 +251,9 @@ impl JwksResolver {
         self.inner.changes.subscribe()
     }
 
-    /// Starts fetching every source the snapshot's rules name, and stops those no longer named.
-    /// Must run inside a Tokio runtime.
+    /// Starts fetching every source the snapshot's rules name; those no longer named are marked
+    /// unused (evicted once unused for [`JwksOptions::evict_unused_after`]). Must run inside a
+    /// Tokio runtime.
     pub fn sync(&self, snapshot: &MeshSnapshot) {
         for w in self.new_plaintext_sources(snapshot) {
             tracing::warn!(
@@ -209,20 +281,63 @@ impl JwksResolver {
             .entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let evict_after = self.inner.options.evict_unused_after;
         entries.retain(|s, e| {
-            let keep = wanted.contains_key(s);
-            if !keep && let Some(t) = &e.task {
-                t.abort();
+            if wanted.contains_key(s) {
+                e.unused_since.send_if_modified(|u| u.take().is_some());
+                return true;
             }
-            keep
+            e.unused_since.send_if_modified(|u| {
+                let newly = u.is_none();
+                if newly {
+                    *u = Some(now);
+                }
+                newly
+            });
+            // The refresh task evicts on time; this catches an entry whose task is not running.
+            let evict = e.evictable(now, evict_after);
+            if evict {
+                if let Some(t) = &e.task {
+                    t.abort();
+                }
+                tracing::info!(source = %s, unused_for = ?evict_after, "JWKS source evicted: no rule names it");
+            }
+            !evict
         });
         for (source, timeout) in wanted {
-            let entry = entries.entry(source.clone()).or_default();
+            let entry = entries.entry(source.clone()).or_insert_with(Entry::new);
             if entry.task.is_none() {
                 let weak = Arc::downgrade(&self.inner);
-                entry.task = Some(tokio::spawn(refresh_loop(weak, source, timeout)));
+                let unused = entry.unused_since.subscribe();
+                entry.task = Some(tokio::spawn(refresh_loop(weak, source, timeout, unused)));
             }
         }
+    }
+
+    /// The sources cached now, in use or not.
+    pub fn cached_sources(&self) -> Vec<Source> {
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        entries.keys().cloned().collect()
+    }
+
+    /// Removes `source` if it has been unused for long enough; true when it did.
+    fn evict_if_unused(inner: &Inner, source: &Source) -> bool {
+        let mut entries = inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let after = inner.options.evict_unused_after;
+        if !entries
+            .get(source)
+            .is_some_and(|e| e.evictable(Instant::now(), after))
+        {
+            return false;
+        }
+        entries.remove(source);
+        tracing::info!(source = %source, unused_for = ?after, "JWKS source evicted: no rule names it");
+        true
     }
 
     /// The rules whose keys come over plain `http://` that were not reported yet (Istio accepts
@@ -319,7 +434,14 @@ impl JwksResolver {
     }
 }
 
-async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Duration) {
+/// Fetches `source` now and after every refresh or retry delay, until the entry is evicted
+/// (unused for long enough, see [`Entry::unused_since`]) or removed.
+async fn refresh_loop(
+    inner: std::sync::Weak<Inner>,
+    source: Source,
+    timeout: Duration,
+    mut unused: watch::Receiver<Option<Instant>>,
+) {
     let mut retry: Option<Duration> = None;
     loop {
         let result = fetch_source(&source, timeout).await;
@@ -327,6 +449,7 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Du
             return;
         };
         let options = strong.options;
+        strong.metrics.jwks_fetched(result.is_ok());
         let delay = match &result {
             Ok(_) => {
                 retry = None;
@@ -337,7 +460,12 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Du
                     d.saturating_mul(2).min(options.retry_max)
                 });
                 retry = Some(d);
-                tracing::warn!(source = %source, error = %e, retry_in = ?d, "JWKS fetch failed; keeping the last good keys");
+                // Keys no rule uses are not pushed: their failures are no operator's concern.
+                if unused.borrow().is_none() {
+                    tracing::warn!(source = %source, error = %e, retry_in = ?d, "JWKS fetch failed; keeping the last good keys");
+                } else {
+                    tracing::debug!(source = %source, error = %e, retry_in = ?d, "JWKS fetch failed for an unused source");
+                }
                 d
             }
         };
@@ -348,7 +476,42 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>, source: Source, timeout: Du
             tracing::info!(source = %source, "JWKS keys changed; pushing");
         }
         drop(strong);
-        tokio::time::sleep(delay).await;
+        let next_fetch = Instant::now() + delay;
+        // The unused-since time already checked for eviction, so a refused eviction is not
+        // tried again (in a loop) until the state changes.
+        let mut checked: Option<Instant> = None;
+        loop {
+            let since = *unused.borrow_and_update();
+            let evict_at = since
+                .filter(|s| checked != Some(*s))
+                .map(|s| s + options.evict_unused_after);
+            tokio::select! {
+                () = tokio::time::sleep_until(next_fetch) => break,
+                () = sleep_until_some(evict_at) => {
+                    let Some(strong) = inner.upgrade() else {
+                        return;
+                    };
+                    if JwksResolver::evict_if_unused(&strong, &source) {
+                        return;
+                    }
+                    // In use again meanwhile: the next turn reads the new state.
+                    checked = since;
+                }
+                changed = unused.changed() => {
+                    if changed.is_err() {
+                        // The entry is gone.
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

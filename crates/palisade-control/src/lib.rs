@@ -12,14 +12,22 @@
 //! - [`ads`]: [`ads::AdsServer`], `AggregatedDiscoveryService/StreamAggregatedResources` over
 //!   mutual TLS: a proxy only gets the config of workloads whose namespace and service account
 //!   are those of its certificate.
+//! - [`serving`]: the ADS serving certificate, re-issued by the control plane's CA at half-life.
+//! - [`metrics`], [`admin`]: the config side's Prometheus metrics and the admin endpoint that
+//!   serves them (with the CA's) on `/metrics`.
 
+pub mod admin;
 pub mod ads;
 pub mod compute;
 pub mod jwks;
+pub mod metrics;
+pub mod serving;
 pub mod watch;
 pub mod wire;
 
+pub use admin::AdminServer;
 pub use ads::{AdsError, AdsServer};
 pub use compute::{workload_config, workload_resources};
+pub use metrics::ControlMetrics;
 pub use watch::{ConfigStatus, ConfigWatcher, WatchError};
 pub use wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};

@@ -474,6 +474,42 @@ pub fn analyze(snapshot: &MeshSnapshot) -> Vec<Warning> {
                     ),
                 });
             }
+            // Istio installs ext_authz on TCP filter chains for gRPC providers only: with an HTTP
+            // provider, TCP connections are decided by DENY/ALLOW alone, which users do not expect.
+            let http_provider = p.spec.provider.as_ref().and_then(|pr| {
+                mesh.extension_providers.iter().find(|e| {
+                    e.name == pr.name
+                        && e.envoy_ext_authz_http.is_some()
+                        && e.envoy_ext_authz_grpc.is_none()
+                })
+            });
+            if p.action() == AuthzAction::Custom
+                && let Some(provider) = http_provider
+            {
+                let rules = p.spec.rules.as_deref().unwrap_or_default();
+                let affected: Vec<&String> = tcp_ports
+                    .iter()
+                    .zip(&tcp_numbers)
+                    .filter(|(_, n)| {
+                        rules
+                            .iter()
+                            .any(|r| rule_ports(r).is_none_or(|l| l.contains(n)))
+                    })
+                    .map(|(s, _)| s)
+                    .collect();
+                if !affected.is_empty() {
+                    out.push(Warning {
+                        code: "custom-http-provider-on-tcp",
+                        resource: format!("AuthorizationPolicy {pkey}"),
+                        origin: origin_of(snapshot, p),
+                        message: format!(
+                            "provider {:?} is an envoyExtAuthzHttp provider and this CUSTOM policy applies to workload {key} ports that may carry TCP: {}; as in Istio, TCP connections are never sent to an HTTP provider, so DENY/ALLOW alone decide them. Use an envoyExtAuthzGrpc provider to authorize TCP connections (one Check per connection)",
+                            provider.name,
+                            affected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
+            }
             let has_request_principals = p.spec.rules.iter().flatten().any(|r| {
                 http_only_fields(r)
                     .iter()

@@ -135,12 +135,22 @@ pub(crate) struct RuleSet {
     pub index: RuleIndex,
 }
 
-/// TCP: an ALLOW rule that is skipped because it uses HTTP-only fields.
+/// A rule left out of the TCP engine.
 #[derive(Debug, Clone)]
 pub(crate) struct SkippedRule {
     pub policy: u32,
     pub id: String,
-    pub fields: Vec<String>,
+    pub reason: SkipReason,
+}
+
+/// Why a rule is not applied to TCP connections.
+#[derive(Debug, Clone)]
+pub(crate) enum SkipReason {
+    /// An ALLOW rule that uses these HTTP-only fields.
+    HttpFields(Vec<String>),
+    /// A CUSTOM rule whose provider is `envoyExtAuthzHttp`: Istio puts the ext_authz network
+    /// filter on TCP filter chains for `envoyExtAuthzGrpc` providers only.
+    HttpProvider,
 }
 
 /// The rules for one protocol.
@@ -212,6 +222,16 @@ impl CompiledPolicy {
             } else {
                 None
             };
+            // Istio ignores a CUSTOM policy with an HTTP provider on TCP filter chains ("ignored
+            // CUSTOM action with HTTP provider on TCP filter chain"); an undefined provider stays
+            // (the proxy fails closed on it).
+            let http_provider = provider.is_some_and(|i| {
+                mesh.extension_providers.iter().any(|e| {
+                    e.name == providers[i]
+                        && e.envoy_ext_authz_http.is_some()
+                        && e.envoy_ext_authz_grpc.is_none()
+                })
+            });
             let rules = p.spec.rules.as_deref().unwrap_or_default();
             let info = PolicyInfo {
                 id: format!("ns[{}]-policy[{}]", p.metadata.namespace(), p.metadata.name),
@@ -255,6 +275,14 @@ impl CompiledPolicy {
             for (i, rule) in rules.iter().enumerate() {
                 let id = format!("{label}-rule[{i}]");
                 for (engine, is_http) in [(&mut http, true), (&mut tcp, false)] {
+                    if !is_http && http_provider {
+                        engine.skipped.push(SkippedRule {
+                            policy: pidx,
+                            id: id.clone(),
+                            reason: SkipReason::HttpProvider,
+                        });
+                        continue;
+                    }
                     match compile_rule(rule, &key, &p.metadata, action, is_http, &bundle)? {
                         RuleOutcome::Compiled {
                             from,
@@ -276,7 +304,7 @@ impl CompiledPolicy {
                         RuleOutcome::SkippedOnTcp(fields) => engine.skipped.push(SkippedRule {
                             policy: pidx,
                             id: id.clone(),
-                            fields,
+                            reason: SkipReason::HttpFields(fields),
                         }),
                     }
                 }
@@ -344,6 +372,25 @@ impl CompiledPolicy {
     /// Extension providers named by applicable CUSTOM policies.
     pub fn providers(&self) -> &[String] {
         &self.providers
+    }
+
+    /// CUSTOM policies that are never asked about TCP connections because their provider is
+    /// `envoyExtAuthzHttp` (Istio installs the ext_authz network filter for `envoyExtAuthzGrpc`
+    /// providers only): each such policy once, with its provider's name.
+    pub fn custom_not_on_tcp(&self) -> Vec<(&PolicyInfo, &str)> {
+        let mut out: Vec<(&PolicyInfo, &str)> = Vec::new();
+        for s in &self.tcp.skipped {
+            if !matches!(s.reason, SkipReason::HttpProvider) {
+                continue;
+            }
+            if let Some(info) = self.policies.get(s.policy as usize)
+                && let Some(name) = info.provider.and_then(|i| self.providers.get(i))
+                && !out.iter().any(|(i, _)| i.id == info.id)
+            {
+                out.push((info, name.as_str()));
+            }
+        }
+        out
     }
 
     /// The path normalization applied before path matching.

@@ -14,7 +14,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::api::{AuthzAction, MtlsMode};
-use crate::compile::{Attr, Check, Clause, CompiledPolicy, CompiledRule, Engine, RuleSet};
+use crate::compile::{
+    Attr, Check, Clause, CompiledPolicy, CompiledRule, Engine, RuleSet, SkipReason,
+};
 use crate::index::{Candidates, IndexQuery};
 use crate::matcher::{PeerIdentity, canonical_ip, service_account_matches};
 use crate::normalize::{PathError, normalize_path};
@@ -258,7 +260,10 @@ impl CompiledPolicy {
             if !valid_method(h.method) {
                 return Err(RequestError::Method(h.method.chars().take(32).collect()));
             }
-            path = normalize_path(h.path, self.normalization)?;
+            // `CONNECT` targets an authority and has no path (Envoy's `:path` is absent).
+            if !(h.path.is_empty() && h.method == "CONNECT") {
+                path = normalize_path(h.path, self.normalization)?;
+            }
         }
         let source_ip = req.source_ip.map(canonical_ip);
         Ok((
@@ -582,7 +587,11 @@ fn attr_matches(a: &Attr, p: &Prepared<'_>) -> bool {
         Attr::Port(ports) => ports.contains(&p.port),
         Attr::Host(s) => p.http.is_some_and(|h| s.matches(h.host)),
         Attr::Method(s) => p.http.is_some_and(|h| s.matches(h.method)),
-        Attr::Path(ps) => p.http.is_some() && ps.iter().any(|x| x.matches(&p.path)),
+        // An absent path (`CONNECT`) matches no path pattern, as Envoy's `url_path` on a
+        // request without `:path`; `notPaths` then holds.
+        Attr::Path(ps) => {
+            p.http.is_some() && !p.path.is_empty() && ps.iter().any(|x| x.matches(&p.path))
+        }
         Attr::Header(name, s) => header_matches(p, name, s),
         Attr::Claim(path, s) => claim_matches(p, path, s),
         Attr::Audiences(s) => p.jwt.is_some_and(|c| audiences(c).any(|a| s.matches(a))),
@@ -859,12 +868,16 @@ impl CompiledPolicy {
                 .skipped
                 .iter()
                 .filter(|s| s.policy as usize == pidx)
-                .map(|s| {
-                    format!(
+                .map(|s| match &s.reason {
+                    SkipReason::HttpFields(fields) => format!(
                         "{} skipped on this TCP connection: it uses HTTP-only fields ({})",
                         short_rule(&s.id),
-                        s.fields.join(", ")
-                    )
+                        fields.join(", ")
+                    ),
+                    SkipReason::HttpProvider => format!(
+                        "{} not applied on this TCP connection: its provider is an envoyExtAuthzHttp provider, and Istio asks only envoyExtAuthzGrpc providers about TCP connections",
+                        short_rule(&s.id)
+                    ),
                 })
                 .collect();
             let detail = match matched {
@@ -955,8 +968,13 @@ impl CompiledPolicy {
                 r
             }
             ReasonCode::AllowedPendingCustom => format!(
-                "CUSTOM policy {} sends the request to {}; no other policy denies it, so it is allowed if the provider allows",
+                "CUSTOM policy {} sends the {} to {}; no other policy denies it, so it is allowed if the provider allows",
                 v.policy.map(policy_name).unwrap_or_default(),
+                if p.http.is_some() {
+                    "request"
+                } else {
+                    "connection (one check when it opens, as Envoy's network ext_authz filter)"
+                },
                 list(&v.custom.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
             ),
             ReasonCode::DeniedNoAllowMatch => {
@@ -1152,6 +1170,7 @@ fn describe_actual(a: &Attr, p: &Prepared<'_>) -> String {
         Attr::Method(_) => p.http.map_or("no method (TCP)".into(), |h| format!("method {:?}", h.method)),
         Attr::Path(_) => match p.http {
             None => "no path (TCP)".into(),
+            Some(_) if p.path.is_empty() => "no path (CONNECT)".into(),
             Some(h) => {
                 let raw = h.path.split('?').next().unwrap_or_default();
                 if raw == p.path {

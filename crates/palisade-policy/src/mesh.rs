@@ -1,6 +1,8 @@
 //! MeshConfig: the mesh-wide settings in `mesh.yaml` (Istio's MeshConfig subset that security
 //! depends on, plus Palisade's `caTokenIssuers` extension).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Istio's default trust domain.
@@ -32,6 +34,60 @@ pub struct MeshConfig {
     /// Istio's `defaultConfig` (ProxyConfig): only what security depends on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_config: Option<ProxyDefaults>,
+    /// Palisade extension: timings of the control plane's JWKS fetches for RequestAuthentication
+    /// rules (Istio sets these with istiod's environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_resolver: Option<JwksResolverConfig>,
+}
+
+/// Default of `jwksResolver.refreshInterval` (istiod's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
+/// Default of `jwksResolver.retryInitialInterval`.
+pub const DEFAULT_JWKS_RETRY_INITIAL: Duration = Duration::from_secs(60);
+/// Default of `jwksResolver.retryMaxInterval`.
+pub const DEFAULT_JWKS_RETRY_MAX: Duration = Duration::from_secs(60 * 60);
+/// Default of `jwksResolver.evictUnusedAfter`: istiod's eviction of keys no config used for a
+/// week.
+pub const DEFAULT_JWKS_EVICT_UNUSED_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `jwksResolver` (Palisade extension). Durations as Istio writes them (`90s`, `20m`, `168h`);
+/// each must be greater than zero.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwksResolverConfig {
+    /// How often fetched keys are fetched again (default 20m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<String>,
+    /// The delay after a failed fetch; it doubles on each failure (default 1m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_initial_interval: Option<String>,
+    /// The longest delay between retries (default 60m); not shorter than the initial one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_max_interval: Option<String>,
+    /// Keys of a source that no rule names any more are kept (and refreshed) this long, so a
+    /// rule that comes back has them at once, then dropped (default 168h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evict_unused_after: Option<String>,
+}
+
+/// The JWKS fetch timings of a mesh config, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwksTimings {
+    pub refresh: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub evict_unused_after: Duration,
+}
+
+impl Default for JwksTimings {
+    fn default() -> Self {
+        Self {
+            refresh: DEFAULT_JWKS_REFRESH,
+            retry_initial: DEFAULT_JWKS_RETRY_INITIAL,
+            retry_max: DEFAULT_JWKS_RETRY_MAX,
+            evict_unused_after: DEFAULT_JWKS_EVICT_UNUSED_AFTER,
+        }
+    }
 }
 
 /// `defaultConfig`: the proxies' defaults.
@@ -77,6 +133,7 @@ impl Default for MeshConfig {
             extension_providers: Vec::new(),
             ca_token_issuers: Vec::new(),
             default_config: None,
+            jwks_resolver: None,
         }
     }
 }
@@ -304,6 +361,33 @@ impl MeshConfig {
             .unwrap_or_default()
     }
 
+    /// `jwksResolver` with defaults for what it leaves out. Validation rejects values that do
+    /// not parse, so one that does not (only from unvalidated input) is left at its default.
+    pub fn jwks_timings(&self) -> JwksTimings {
+        let mut t = JwksTimings::default();
+        let Some(c) = &self.jwks_resolver else {
+            return t;
+        };
+        let parse = |v: &Option<String>| {
+            v.as_deref()
+                .and_then(|v| crate::validate::parse_duration(v).ok())
+                .filter(|d| !d.is_zero())
+        };
+        if let Some(d) = parse(&c.refresh_interval) {
+            t.refresh = d;
+        }
+        if let Some(d) = parse(&c.retry_initial_interval) {
+            t.retry_initial = d;
+        }
+        if let Some(d) = parse(&c.retry_max_interval) {
+            t.retry_max = d;
+        }
+        if let Some(d) = parse(&c.evict_unused_after) {
+            t.evict_unused_after = d;
+        }
+        t
+    }
+
     /// True when `trust_domain` is the trust domain or one of its aliases.
     pub fn is_local_trust_domain(&self, trust_domain: &str) -> bool {
         self.trust_domain == trust_domain
@@ -337,6 +421,54 @@ mod tests {
                 .contains("line 1: trustDomian: unknown field"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jwks_resolver_timings_and_their_errors() {
+        let t = |y: &str| MeshConfig::from_yaml(y, "mesh.yaml").map(|m| m.jwks_timings());
+        assert_eq!(t("{}").unwrap(), JwksTimings::default());
+        assert_eq!(
+            t("jwksResolver: {refreshInterval: 5m, retryInitialInterval: 10s, retryMaxInterval: 2m, evictUnusedAfter: 48h}")
+                .unwrap(),
+            JwksTimings {
+                refresh: Duration::from_secs(300),
+                retry_initial: Duration::from_secs(10),
+                retry_max: Duration::from_secs(120),
+                evict_unused_after: Duration::from_secs(48 * 3600),
+            }
+        );
+        // What is left out keeps its default.
+        let only = t("jwksResolver: {refreshInterval: 90s}").unwrap();
+        assert_eq!(
+            (only.refresh, only.retry_max),
+            (Duration::from_secs(90), DEFAULT_JWKS_RETRY_MAX)
+        );
+        // Every error names the file, the field and the reason.
+        for (yaml, want) in [
+            (
+                "jwksResolver: {refreshInterval: soon}",
+                "mesh.yaml: MeshConfig: jwksResolver.refreshInterval: invalid duration \"soon\"",
+            ),
+            (
+                "jwksResolver: {evictUnusedAfter: 0s}",
+                "mesh.yaml: MeshConfig: jwksResolver.evictUnusedAfter: must be greater than 0",
+            ),
+            (
+                "jwksResolver: {retryInitialInterval: 2h}",
+                "mesh.yaml: MeshConfig: jwksResolver.retryInitialInterval: 2h is longer than retryMaxInterval (1h by default)",
+            ),
+            (
+                "jwksResolver: {retryInitialInterval: 5m, retryMaxInterval: 1m}",
+                "mesh.yaml: MeshConfig: jwksResolver.retryInitialInterval: 5m is longer than retryMaxInterval (1m)",
+            ),
+            (
+                "jwksResolver: {refresh: 5m}",
+                "line 1: jwksResolver.refresh: unknown field",
+            ),
+        ] {
+            let err = t(yaml).unwrap_err().to_string();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
     }
 
     #[test]

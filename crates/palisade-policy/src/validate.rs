@@ -1206,6 +1206,9 @@ pub(crate) fn validate_mesh(m: &MeshConfig, f: &mut Findings) {
             ),
         );
     }
+    if let Some(j) = &m.jwks_resolver {
+        validate_jwks_resolver(j, f);
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (i, p) in m.extension_providers.iter().enumerate() {
         let path = format!("extensionProviders[{i}]");
@@ -1281,6 +1284,59 @@ pub(crate) fn validate_mesh(m: &MeshConfig, f: &mut Findings) {
 }
 
 /// Validates a MeshConfig on its own (e.g. for other crates that read `mesh.yaml`).
+/// `jwksResolver`: durations greater than zero, retries that never shrink.
+fn validate_jwks_resolver(j: &crate::mesh::JwksResolverConfig, f: &mut Findings) {
+    let mut check = |field: &str, v: &Option<String>| -> Option<std::time::Duration> {
+        let v = v.as_deref()?;
+        match parse_duration(v) {
+            Ok(d) if d.is_zero() => {
+                f.error(format!("jwksResolver.{field}"), "must be greater than 0");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                f.error(format!("jwksResolver.{field}"), e);
+                None
+            }
+        }
+    };
+    check("refreshInterval", &j.refresh_interval);
+    check("evictUnusedAfter", &j.evict_unused_after);
+    let initial = check("retryInitialInterval", &j.retry_initial_interval);
+    let max = check("retryMaxInterval", &j.retry_max_interval);
+    // Only a set initial interval can exceed the maximum (the defaults are in order).
+    if let (Some(initial), Some(text)) = (initial, j.retry_initial_interval.as_deref()) {
+        let (limit, limit_text) = match (max, j.retry_max_interval.as_deref()) {
+            (Some(m), Some(t)) => (m, t.to_owned()),
+            _ => (
+                crate::mesh::DEFAULT_JWKS_RETRY_MAX,
+                format!(
+                    "{} by default",
+                    short_duration(crate::mesh::DEFAULT_JWKS_RETRY_MAX)
+                ),
+            ),
+        };
+        if initial > limit {
+            f.error(
+                "jwksResolver.retryInitialInterval",
+                format!("{text} is longer than retryMaxInterval ({limit_text})"),
+            );
+        }
+    }
+}
+
+/// `1h`, `20m`, `90s`: a whole duration in its largest exact unit.
+fn short_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s > 0 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
 pub fn mesh_config_issues(m: &MeshConfig) -> Vec<FieldIssue> {
     let mut f = Findings::default();
     validate_mesh(m, &mut f);

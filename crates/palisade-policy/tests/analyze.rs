@@ -303,3 +303,64 @@ fn path_protection_that_depends_on_the_applications_normalization() {
         }
     }
 }
+
+#[test]
+fn custom_with_an_http_provider_on_tcp_ports() {
+    let load_with = |policy: &str| {
+        MeshSnapshot::from_sources(
+            Some((
+                "mesh.yaml",
+                "trustDomain: td1\nextensionProviders:\n- name: http-authz\n  envoyExtAuthzHttp: {service: authz.foo.svc, port: 8000}\n- name: grpc-authz\n  envoyExtAuthzGrpc: {service: authz.foo.svc, port: 9000}\n",
+            )),
+            &[
+                (
+                    "workloads.yaml".to_owned(),
+                    common::BASE_WORKLOADS.to_owned(),
+                ),
+                ("policies.yaml".to_owned(), policy.to_owned()),
+            ],
+        )
+        .unwrap()
+    };
+    // (provider, rule, warned)
+    let cases = [
+        ("http-authz", "{}", true),
+        // Limited to HTTP ports: no TCP connection would have reached it anyway.
+        (
+            "http-authz",
+            r#"{to: [{operation: {ports: ["8000"]}}]}"#,
+            false,
+        ),
+        (
+            "http-authz",
+            r#"{to: [{operation: {ports: ["9000"]}}]}"#,
+            true,
+        ),
+        ("grpc-authz", "{}", false),
+    ];
+    for (provider, rule, warned) in cases {
+        let snap = load_with(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  action: CUSTOM\n  provider: {{name: {provider}}}\n  rules: [{rule}]\n"
+        ));
+        let found: Vec<_> = analyze(&snap)
+            .into_iter()
+            .filter(|w| w.code == "custom-http-provider-on-tcp")
+            .collect();
+        if !warned {
+            assert!(found.is_empty(), "{provider} {rule}: {found:#?}");
+            continue;
+        }
+        assert_eq!(found.len(), 1, "{provider} {rule}: {found:#?}");
+        let w = &found[0];
+        assert_eq!(w.resource, "AuthorizationPolicy foo/ext");
+        for needle in [
+            "\"http-authz\"",
+            "foo/httpbin",
+            "9000 (tcp-db)",
+            "envoyExtAuthzGrpc",
+        ] {
+            assert!(w.message.contains(needle), "{needle:?} not in {w}");
+        }
+        assert!(!w.message.contains("8000"), "{w}");
+    }
+}

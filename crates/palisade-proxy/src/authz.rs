@@ -61,9 +61,9 @@ pub fn authorize(
             return Outcome::BadRequest;
         }
     };
-    // CUSTOM providers are asked by the HTTP caller first (`inbound::request`, ext_authz); on
-    // TCP they cannot be asked: fail closed rather than skip them.
-    let allowed = verdict.allowed && (http || verdict.custom.is_empty());
+    // `allowed` assumes the CUSTOM providers allow: the caller asked them first (HTTP:
+    // `ext_authz::gate`; TCP: `ext_authz::network`) and refused what they denied.
+    let allowed = verdict.allowed;
     count(cfg, &verdict, allowed, http);
     if !allowed {
         log_deny(cfg, ctx, &verdict);
@@ -117,14 +117,6 @@ fn log_deny(cfg: &ProxyConfig, ctx: &RequestContext<'_>, v: &Verdict<'_>) {
     let reason = match cfg.policy.explain(ctx) {
         Ok(d) => d.reason,
         Err(e) => e.to_string(),
-    };
-    let reason = if v.allowed && !v.custom.is_empty() {
-        format!(
-            "CUSTOM provider(s) {:?} cannot be asked on a TCP connection",
-            v.custom
-        )
-    } else {
-        reason
     };
     tracing::info!(
         target: "palisade::rbac",

@@ -30,8 +30,32 @@ pub const INBOUND_ALPN: &[&[u8]] = &[
 /// terminates mTLS only for clients that offer one, as Istio's does), then the plain ones for
 /// servers that know only those.
 pub const MESH_HTTP_ALPN: &[&[u8]] = &[b"istio-h2", b"istio-http/1.1", b"h2", b"http/1.1"];
+/// ALPN a Palisade client sidecar offers for a request that becomes a tunnel (an `Upgrade` or a
+/// `CONNECT`): HTTP/1.1 only, since HTTP/1.1's upgrade does not exist in HTTP/2.
+pub const MESH_HTTP1_ALPN: &[&[u8]] = &[b"istio-http/1.1", b"http/1.1"];
 /// ALPN a Palisade client sidecar offers for opaque TCP.
 pub const MESH_TCP_ALPN: &[&[u8]] = &[b"istio"];
+
+/// What an outbound mTLS connection will carry, for its ALPN offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Carries {
+    /// HTTP, either version ([`MESH_HTTP_ALPN`]).
+    Http,
+    /// HTTP/1.1 only ([`MESH_HTTP1_ALPN`]): a request that upgrades the connection.
+    Http1,
+    /// Opaque TCP ([`MESH_TCP_ALPN`]).
+    Tcp,
+}
+
+impl Carries {
+    fn alpn(self) -> &'static [&'static [u8]] {
+        match self {
+            Carries::Http => MESH_HTTP_ALPN,
+            Carries::Http1 => MESH_HTTP1_ALPN,
+            Carries::Tcp => MESH_TCP_ALPN,
+        }
+    }
+}
 
 /// The ALPN values that mark a TLS client as a mesh sidecar (Istio's PERMISSIVE filter chain
 /// match): other TLS on a PERMISSIVE port is the application's own and passes through.
@@ -68,25 +92,20 @@ pub struct TlsState {
     /// `meshMTLS.minProtocolVersion` up to 1.3.
     pub server: Arc<ServerConfig>,
     /// Outbound client configs by expected server identity and ALPN use (built on first use).
-    clients: Mutex<HashMap<(SpiffeId, bool), Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<(SpiffeId, Carries), Arc<ClientConfig>>>,
     resolver: Arc<SvidResolver>,
 }
 
 impl TlsState {
-    /// A client config presenting our SVID and accepting only `server` (ALPN [`MESH_HTTP_ALPN`]).
-    /// Called per new upstream connection, never per request.
-    pub fn client_for(&self, server: &SpiffeId) -> Result<Arc<ClientConfig>, CertError> {
-        self.client(server, true)
-    }
-
-    /// The same for opaque TCP (the mesh ALPN `istio`; the server sniffs the stream).
-    pub fn client_for_tcp(&self, server: &SpiffeId) -> Result<Arc<ClientConfig>, CertError> {
-        self.client(server, false)
-    }
-
-    fn client(&self, server: &SpiffeId, http: bool) -> Result<Arc<ClientConfig>, CertError> {
+    /// A client config presenting our SVID, accepting only `server`, offering the ALPN for what
+    /// the connection `carries`. Called per new upstream connection, never per request.
+    pub fn client_for(
+        &self,
+        server: &SpiffeId,
+        carries: Carries,
+    ) -> Result<Arc<ClientConfig>, CertError> {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = clients.get(&(server.clone(), http)) {
+        if let Some(c) = clients.get(&(server.clone(), carries)) {
             return Ok(Arc::clone(c));
         }
         let mut cfg = palisade_identity::client_config(
@@ -94,10 +113,9 @@ impl TlsState {
             &self.bundle,
             ServerIdentity::OneOf(vec![server.clone()]),
         )?;
-        let alpn = if http { MESH_HTTP_ALPN } else { MESH_TCP_ALPN };
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        cfg.alpn_protocols = carries.alpn().iter().map(|p| p.to_vec()).collect();
         let cfg = Arc::new(cfg);
-        clients.insert((server.clone(), http), Arc::clone(&cfg));
+        clients.insert((server.clone(), carries), Arc::clone(&cfg));
         Ok(cfg)
     }
 

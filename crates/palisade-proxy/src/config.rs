@@ -193,6 +193,7 @@ impl ProxyConfig {
         for w in &jwt_warnings {
             tracing::warn!(workload = %wire.workload, warning = %w, "RequestAuthentication");
         }
+        crate::ext_authz::network::log_not_on_tcp(&wire.workload, &policy);
         let wire_mesh = wire.mesh.clone();
         Ok(Self {
             version,

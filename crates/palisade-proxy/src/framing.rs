@@ -370,6 +370,12 @@ impl<S> FramingGuard<S> {
         }
     }
 
+    /// The stream and the bytes read from it and not handed on yet, for a connection that stops
+    /// being HTTP (an upgrade the application accepted): what follows is no longer HTTP to check.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        (self.inner, self.pending)
+    }
+
     /// Decides what to do about a refusal: answer it (its message was not handed on), or fail.
     /// Returns how many of the unreleased bytes precede the refused message.
     fn refuse(&mut self, r: &Rejection) -> Option<usize> {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use palisade_policy::api::MtlsMode;
 use palisade_policy::{HeaderLookup, HttpAttributes, PortProtocol, RequestContext};
@@ -26,6 +27,7 @@ use crate::framing::FramingGuard;
 use crate::headers::{XFCC, check_http1_head};
 use crate::limits::{ConnectionCap, Idle};
 use crate::sniff::{Hello, Protocol, Rewind, detect, detect_http, read_client_hello};
+use crate::upgrade::{Tunnel, TunnelError, Unwrap, unguard};
 
 pub use crate::body::Body;
 pub use crate::headers::strip_hop_by_hop;
@@ -66,13 +68,22 @@ impl ConnInfo {
             sni: self.sni.as_deref(),
             http: Some(HttpAttributes {
                 method: req.method().as_str(),
-                path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                path: request_path(req),
                 host: host_of(req),
                 headers,
             }),
             jwt,
         }
     }
+}
+
+/// The request target the policy sees as `:path`: none for `CONNECT` (its target is an
+/// authority, and Envoy's `:path` is absent), so that no `paths` rule matches it.
+fn request_path<B>(req: &Request<B>) -> &str {
+    if req.method() == http::Method::CONNECT {
+        return "";
+    }
+    req.uri().path_and_query().map_or("/", |p| p.as_str())
 }
 
 /// Accepts on one inbound listener; `cap` is shared by every worker accepting on it.
@@ -272,7 +283,7 @@ where
     let service = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let info = Arc::clone(&info);
-        async move { Ok::<_, Infallible>(request(&shared, &info, req).await) }
+        async move { Ok::<_, Infallible>(request(&shared, &info, req, unguard::<S>).await) }
     });
     let limits = &shared.options.limits;
     let result = if protocol == Protocol::Http2 {
@@ -282,7 +293,11 @@ where
             io.into_inner(),
             limits.h1_max_header_size(),
         ));
-        limits.http1_server().serve_connection(io, service).await
+        limits
+            .http1_server()
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
@@ -340,9 +355,14 @@ fn forwarded_target(uri: &Uri, mode: palisade_policy::PathNormalization) -> Opti
     Uri::try_from(target).ok()
 }
 
-async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+async fn request(
+    shared: &Shared,
+    info: &ConnInfo,
+    req: Request<Incoming>,
+    unwrap: Unwrap,
+) -> Response<Body> {
     let grpc = crate::grpc::is_grpc(req.headers());
-    let resp = authorize_and_forward(shared, info, req).await;
+    let resp = authorize_and_forward(shared, info, req, unwrap).await;
     // The proxy's own refusals reach a gRPC client as gRPC statuses, as Envoy sends them.
     if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), Body::Local(_)) {
         return crate::grpc::local_reply(resp);
@@ -353,7 +373,8 @@ async fn request(shared: &Shared, info: &ConnInfo, req: Request<Incoming>) -> Re
 async fn authorize_and_forward(
     shared: &Shared,
     info: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
+    unwrap: Unwrap,
 ) -> Response<Body> {
     let Some(cfg) = shared.config.load_full() else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
@@ -367,6 +388,9 @@ async fn authorize_and_forward(
         tracing::info!(target: "palisade::rbac", port = info.port, source = %info.source, error = %e, "request rejected before authorization");
         return text_response(e.status(), "Bad Request");
     }
+    // Taken before anything else looks at the request: the client's side of a tunnel, should
+    // the application accept it.
+    let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
     let mut req = req.map(RequestBody::Streaming);
     // CUSTOM (ext_authz) then JWT authentication; see `ext_authz::gate`.
     let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &mut req).await {
@@ -393,18 +417,32 @@ async fn authorize_and_forward(
     }
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    if let Some((t, _)) = &tunnel {
+        t.restore_headers(headers);
+    }
     headers.remove(&XFCC);
     if let Some(x) = &info.xfcc {
         headers.insert(XFCC, x.clone());
     }
     gate.apply_upstream(&cfg, &mut req);
     // Origin form for the app (`GET /path HTTP/1.1`), with the path that was authorized; the
-    // Host header names the service.
-    let Some(target) = forwarded_target(req.uri(), cfg.policy.normalization()) else {
-        return text_response(StatusCode::BAD_REQUEST, "Bad Request");
-    };
-    *req.uri_mut() = target;
+    // Host header names the service. (`CONNECT` keeps its authority.)
+    if req.method() != http::Method::CONNECT {
+        let Some(target) = forwarded_target(req.uri(), cfg.policy.normalization()) else {
+            return text_response(StatusCode::BAD_REQUEST, "Bad Request");
+        };
+        *req.uri_mut() = target;
+    }
     let app = port.app;
+    if let Some((tunnel, downstream)) = tunnel {
+        drop(cfg);
+        let side = Downstream {
+            tunnel,
+            on_upgrade: downstream,
+            unwrap,
+        };
+        return Box::pin(tunnel_to_app(shared, info.port, &gate, side, app, req)).await;
+    }
     if matches!(port.protocol, PortProtocol::Grpc | PortProtocol::Http2) {
         drop(cfg);
         let answer = Box::pin(shared.app_h2_pool().send(app, req)).await;
@@ -416,6 +454,43 @@ async fn authorize_and_forward(
     // while it is handed over, and inlined it would double this future's size.
     let answer = Box::pin(shared.app_pool().send(app, req)).await;
     from_app(&gate, info.port, answer, Body::App)
+}
+
+/// The client's side of a tunnel request.
+struct Downstream {
+    tunnel: Tunnel,
+    on_upgrade: OnUpgrade,
+    unwrap: Unwrap,
+}
+
+/// An authorized tunnel request (`Upgrade`, `CONNECT`) to the application, on a connection of
+/// its own; the tunnel opens when the application accepts it.
+async fn tunnel_to_app(
+    shared: &Shared,
+    port: u16,
+    gate: &crate::ext_authz::gate::Gate,
+    side: Downstream,
+    app: SocketAddr,
+    mut req: Request<RequestBody>,
+) -> Response<Body> {
+    *req.version_mut() = http::Version::HTTP_11;
+    let answer = match crate::app::connect(app).await {
+        Ok(tcp) => crate::upgrade::send(TokioIo::new(tcp), req).await,
+        Err(e) => Err(TunnelError::Dial(e.into())),
+    };
+    let mut resp = from_app(gate, port, answer, Body::Upstream);
+    if side.tunnel.accepted(resp.status()) && !matches!(resp.body(), Body::Local(_)) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        crate::upgrade::splice(
+            &side.tunnel,
+            side.on_upgrade,
+            side.unwrap,
+            upstream,
+            shared.metrics.tunnels.clone(),
+        );
+        side.tunnel.restore_headers(resp.headers_mut());
+    }
+    resp
 }
 
 /// The application's answer as the client gets it, or Envoy's 503 when there is none.
@@ -441,7 +516,8 @@ fn from_app<B, E: std::fmt::Display>(
     }
 }
 
-/// Opaque TCP: authorize once, then splice to the app; re-checked on every new config.
+/// Opaque TCP: authorize once (CUSTOM, then DENY/ALLOW), then splice to the app; re-checked on
+/// every new config.
 async fn serve_tcp<S>(shared: &Arc<Shared>, info: Arc<ConnInfo>, mut stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -452,7 +528,8 @@ where
     let Some(cfg) = shared.config.load_full() else {
         return;
     };
-    if tcp_decision(shared, &cfg, &info) != Outcome::Allow {
+    let mut custom = crate::ext_authz::network::ConnectionGate::default();
+    if tcp_decision(shared, &cfg, &info, &mut custom).await != Outcome::Allow {
         return;
     }
     let Some(app) = cfg.inbound_port(info.port).map(|p| p.app) else {
@@ -475,7 +552,7 @@ where
             changed = generation.changed() => {
                 if changed.is_err() { return; }
                 let Some(cfg) = shared.config.load_full() else { continue };
-                if tcp_decision(shared, &cfg, &info) != Outcome::Allow {
+                if tcp_decision(shared, &cfg, &info, &mut custom).await != Outcome::Allow {
                     shared.metrics.tcp_closed_by_policy.inc();
                     tracing::info!(
                         target: "palisade::rbac",
@@ -491,24 +568,24 @@ where
     }
 }
 
-fn tcp_decision(shared: &Shared, cfg: &crate::ProxyConfig, info: &ConnInfo) -> Outcome {
-    let ctx = RequestContext {
-        port: info.port,
-        destination_ip: Some(info.local_ip),
-        source_ip: Some(info.source.ip()),
-        remote_ip: None,
-        peer_principal: info.principal.as_deref(),
-        sni: info.sni.as_deref(),
-        http: None,
-        jwt: None,
-    };
+/// CUSTOM first (Envoy's network ext_authz, see `ext_authz::network`), then DENY/ALLOW.
+async fn tcp_decision(
+    shared: &Shared,
+    cfg: &crate::ProxyConfig,
+    info: &ConnInfo,
+    custom: &mut crate::ext_authz::network::ConnectionGate,
+) -> Outcome {
+    if !custom.check(shared, cfg, info).await {
+        return Outcome::Deny;
+    }
+    let ctx = crate::ext_authz::network::tcp_context(info);
     authorize(cfg, &ctx, false, &shared.rbac_log)
 }
 
 #[cfg(test)]
 mod tests {
     /// The size of what `f` returns (here: an `async fn`'s future), without calling it.
-    fn future_size<A, B, C, R>(_f: impl Fn(A, B, C) -> R) -> usize {
+    fn future_size<A, B, C, D, R>(_f: impl Fn(A, B, C, D) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -516,14 +593,20 @@ mod tests {
     /// ext_authz call inlined, ~10 KiB) made those copies the proxy's main cost.
     #[test]
     fn request_future_stays_small() {
-        let size =
-            future_size::<&super::Shared, &super::ConnInfo, super::Request<super::Incoming>, _>(
-                super::request,
-            );
-        let inner =
-            future_size::<&super::Shared, &super::ConnInfo, super::Request<super::Incoming>, _>(
-                super::authorize_and_forward,
-            );
+        let size = future_size::<
+            &super::Shared,
+            &super::ConnInfo,
+            super::Request<super::Incoming>,
+            super::Unwrap,
+            _,
+        >(super::request);
+        let inner = future_size::<
+            &super::Shared,
+            &super::ConnInfo,
+            super::Request<super::Incoming>,
+            super::Unwrap,
+            _,
+        >(super::authorize_and_forward);
         let size = size.max(inner);
         assert!(size <= 2048, "inbound request future is {size} bytes");
     }

@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod sds;
 pub mod sniff;
+pub mod upgrade;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashMap};

@@ -46,6 +46,12 @@ pub struct ConnLabels {
     pub protocol: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    /// `upgrade` (an HTTP/1.1 `Upgrade`, WebSocket say) or `connect`.
+    pub kind: &'static str,
+}
+
 /// All metric families of a proxy.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
@@ -54,6 +60,7 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub connections: Family<ConnLabels, Counter>,
     pub tcp_closed_by_policy: Counter,
+    pub tunnels: Family<TunnelLabels, Counter>,
     pub config_updates: Counter,
     pub config_rejected: Counter,
     pub active_connections: Gauge,
@@ -85,6 +92,11 @@ impl Metrics {
             "palisade_tcp_connections_closed_by_policy",
             "Open TCP connections closed because a new policy denies them",
             self.tcp_closed_by_policy.clone(),
+        );
+        registry.register(
+            "palisade_tunnels",
+            "Tunnels opened (an upgrade or CONNECT the far side accepted), by kind",
+            self.tunnels.clone(),
         );
         registry.register(
             "palisade_config_updates",

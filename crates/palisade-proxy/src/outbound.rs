@@ -13,15 +13,18 @@ use std::time::Duration;
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::certs::Carries;
 use crate::config::Upstream;
 use crate::inbound::{Body, strip_hop_by_hop, text_response};
 use crate::io::MeshConn;
 use crate::limits::{ConnectionCap, Idle};
+use crate::upgrade::{Tunnel, TunnelError, Unwrap, unguard};
 use crate::{Shared, TcpUpstream};
 
 /// A pooling client to other workloads.
@@ -92,7 +95,11 @@ pub fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)
 }
 
 /// Connects to an upstream: plaintext, or mutual TLS checking the destination's SPIFFE ID.
-pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io::Result<MeshConn> {
+pub async fn connect(
+    shared: &Shared,
+    up: &Upstream,
+    carries: Carries,
+) -> std::io::Result<MeshConn> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(up.addr))
         .await
         .map_err(|_| {
@@ -110,12 +117,9 @@ pub async fn connect(shared: &Shared, up: &Upstream, alpn_http: bool) -> std::io
         .certs
         .tls()
         .ok_or_else(|| std::io::Error::other("no workload certificate yet"))?;
-    let cfg = if alpn_http {
-        state.client_for(id)
-    } else {
-        state.client_for_tcp(id)
-    }
-    .map_err(std::io::Error::other)?;
+    let cfg = state
+        .client_for(id, carries)
+        .map_err(std::io::Error::other)?;
     let name = ServerName::IpAddress(up.addr.ip().into());
     let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
         .await
@@ -177,7 +181,7 @@ impl tower::Service<Uri> for MeshConnector {
                     )
                 })?;
             drop(cfg);
-            let conn = connect(&shared, &up, true).await?;
+            let conn = connect(&shared, &up, Carries::Http).await?;
             let h2 = matches!(conn, MeshConn::Tls { h2: true, .. });
             shared.learn_h2(authority, h2);
             if h2_only && !h2 {
@@ -214,7 +218,7 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener, cap: Connect
             let svc_shared = Arc::clone(&shared);
             let service = hyper::service::service_fn(move |req| {
                 let shared = Arc::clone(&svc_shared);
-                async move { Ok::<_, Infallible>(request(&shared, req).await) }
+                async move { Ok::<_, Infallible>(request(&shared, req, unguard::<AppConn>).await) }
             });
             let limits = shared.options.limits;
             // HTTP/2 with prior knowledge or HTTP/1.1, as the application speaks.
@@ -234,6 +238,7 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener, cap: Connect
                 limits
                     .http1_server()
                     .serve_connection(TokioIo::new(guarded), service)
+                    .with_upgrades()
                     .await
             };
             if let Err(e) = result {
@@ -244,7 +249,12 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener, cap: Connect
     }
 }
 
-async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
+/// The application's connection to the outbound listener, as its HTTP server reads it.
+type AppConn = crate::sniff::Rewind<Idle<TcpStream>>;
+
+async fn request(shared: &Shared, mut req: Request<Incoming>, unwrap: Unwrap) -> Response<Body> {
+    // Taken first: the application's side of a tunnel, should the destination accept it.
+    let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
     // The destination: the absolute URI's authority (proxy form), else Host.
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
@@ -278,6 +288,13 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
         req.headers_mut().insert(HOST, v);
     }
     strip_hop_by_hop(req.headers_mut());
+    if let Some((tunnel, on_upgrade)) = tunnel {
+        tunnel.restore_headers(req.headers_mut());
+        return Box::pin(tunnel_to_mesh(
+            shared, tunnel, on_upgrade, unwrap, authority, req,
+        ))
+        .await;
+    }
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(authority);
@@ -298,6 +315,64 @@ async fn request(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> 
         }
         Err(e) => {
             tracing::info!(error = %e, source = ?std::error::Error::source(&e), "outbound request failed");
+            text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers\n",
+            )
+        }
+    }
+}
+
+/// A tunnel request (`Upgrade`, `CONNECT`) to its destination, on an HTTP/1.1 connection of its
+/// own (mTLS offering HTTP/1.1 only); the destination's sidecar authorizes it. The tunnel opens
+/// when the destination accepts.
+async fn tunnel_to_mesh(
+    shared: &Shared,
+    tunnel: Tunnel,
+    on_upgrade: OnUpgrade,
+    unwrap: Unwrap,
+    authority: http::uri::Authority,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let target = split_host_port(authority.as_str(), 80).and_then(|(host, port)| {
+        let cfg = shared.config.load_full()?;
+        cfg.route(host, port).and_then(|r| r.pick()).cloned()
+    });
+    let Some(up) = target else {
+        return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
+    };
+    // Origin form for an upgrade (`GET /chat HTTP/1.1`); `CONNECT` keeps its authority.
+    if tunnel != Tunnel::Connect {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    let answer = match connect(shared, &up, Carries::Http1).await {
+        Ok(conn) => crate::upgrade::send(conn, req).await,
+        Err(e) => Err(TunnelError::Dial(e.into())),
+    };
+    match answer {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            if tunnel.accepted(resp.status()) {
+                let upstream = hyper::upgrade::on(&mut resp);
+                crate::upgrade::splice(
+                    &tunnel,
+                    on_upgrade,
+                    unwrap,
+                    upstream,
+                    shared.metrics.tunnels.clone(),
+                );
+                tunnel.restore_headers(resp.headers_mut());
+            }
+            resp.map(Body::Upstream)
+        }
+        Err(e) => {
+            tracing::info!(upstream = %up.addr, error = %e, "outbound tunnel request failed");
             text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers\n",
@@ -375,7 +450,7 @@ pub async fn serve_tcp(
                 tracing::info!(host = %up.host, port = up.port, "outbound TCP: no route");
                 return;
             };
-            let conn = match connect(&shared, &target, false).await {
+            let conn = match connect(&shared, &target, Carries::Tcp).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::info!(upstream = %target.addr, error = %e, "outbound TCP connect failed");

@@ -68,6 +68,8 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
+    // A child of `palisade up` dies with it.
+    palisade::cli::exit_with_parent();
     // The proxy's data path runs on its own worker threads (palisade_proxy::workers); what is
     // left for the main runtime (xDS, certificates, admin) needs one thread.
     let data_path = matches!(cli.command, Command::Proxy(_) | Command::Sidecar(_));

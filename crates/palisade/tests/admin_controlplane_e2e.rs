@@ -215,7 +215,7 @@ fn admin_default(cmd: &str) -> SocketAddr {
 
 #[test]
 fn admin_endpoints_listen_on_loopback_by_default() {
-    for cmd in ["proxy", "sidecar", "agent"] {
+    for cmd in ["proxy", "sidecar", "agent", "controlplane"] {
         let addr = admin_default(cmd);
         assert!(addr.ip().is_loopback(), "palisade {cmd}: admin on {addr}");
     }

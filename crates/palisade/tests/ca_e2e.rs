@@ -32,6 +32,8 @@ impl ControlPlane {
                 "controlplane",
                 "--listen",
                 "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
             ])
             .arg("--state")
             .arg(state)

@@ -2,6 +2,8 @@
 //! authorizer of a `palisade sidecar`, plus a slow authorizer and a dead one. Allow, deny with
 //! the authorizer's status/headers/body, timeout with failOpen both ways, authorizer down, two
 //! providers on one workload, and the check request read back field by field from the authorizer.
+//! CUSTOM on TCP ports (one Check per connection, with an in-test gRPC authorizer), and CUSTOM
+//! before DENY over HTTP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,9 +14,20 @@ mod mesh;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_mesh::{ChildGuard, PALISADE, wait_for};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue as PbHeaderValue, HeaderValueOption, address, socket_address,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, DeniedHttpResponse};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use http_body_util::BodyExt as _;
 use mesh::{Mesh, Transport};
 use serde_json::{Value, json};
@@ -696,5 +709,441 @@ async fn example_directory() {
     assert!(
         log.contains("enforced denied by CUSTOM provider rego-ext-authz"),
         "{log}"
+    );
+}
+
+// ---- CUSTOM on TCP ports (Envoy's network ext_authz) and CUSTOM before DENY over HTTP ----
+
+/// A gRPC authorizer that keeps every check request. TCP checks (no HTTP request): allows the
+/// service accounts `client` and `banned`. HTTP checks: a path ending in `/tea` is denied with
+/// 418, a body and a header; anything else is allowed. `deny_all` denies everything.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<CheckRequest>>>,
+    deny_all: bool,
+}
+
+impl Recorder {
+    fn tcp_checks(&self) -> Vec<CheckRequest> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.attributes.as_ref().unwrap().request.is_none())
+            .cloned()
+            .collect()
+    }
+
+    fn http_paths(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.attributes.as_ref()?.request.as_ref()?.http.as_ref())
+            .map(|h| h.path.clone())
+            .collect()
+    }
+
+    async fn serve(self) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AuthorizationServer::new(self))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        port
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for Recorder {
+    async fn check(
+        &self,
+        req: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let a = req.attributes.clone().unwrap_or_default();
+        self.seen.lock().unwrap().push(req);
+        let http = a.request.and_then(|r| r.http);
+        let allow = !self.deny_all
+            && match &http {
+                Some(h) => !h.path.ends_with("/tea"),
+                None => {
+                    let p = a.source.map(|s| s.principal).unwrap_or_default();
+                    p.ends_with("/sa/client") || p.ends_with("/sa/banned")
+                }
+            };
+        let resp = if allow {
+            CheckResponse {
+                status: Some(RpcStatus::default()),
+                ..CheckResponse::default()
+            }
+        } else {
+            CheckResponse {
+                status: Some(RpcStatus {
+                    code: 7,
+                    ..RpcStatus::default()
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: 418 }),
+                    headers: vec![HeaderValueOption {
+                        header: Some(PbHeaderValue {
+                            key: "x-deny-reason".into(),
+                            value: "teapot".into(),
+                            ..PbHeaderValue::default()
+                        }),
+                        ..HeaderValueOption::default()
+                    }],
+                    body: "no tea for you".into(),
+                })),
+                ..CheckResponse::default()
+            }
+        };
+        Ok(tonic::Response::new(resp))
+    }
+}
+
+/// The bytes one accepted connection sent, filled in as they arrive.
+type Received = Arc<Mutex<Vec<u8>>>;
+
+/// A TCP echo application that keeps what each accepted connection sent.
+#[derive(Clone, Default)]
+struct TcpApp {
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl TcpApp {
+    async fn serve(&self) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::clone(&self.received);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let got = Arc::new(Mutex::new(Vec::new()));
+                received.lock().unwrap().push(Arc::clone(&got));
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                got.lock().unwrap().extend_from_slice(&buf[..n]);
+                                if tcp.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn connections(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    fn everything(&self) -> String {
+        let all = self.received.lock().unwrap();
+        all.iter()
+            .map(|c| String::from_utf8_lossy(&c.lock().unwrap()).into_owned())
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+}
+
+/// Writes `msg` and reads its echo.
+async fn round_trip(s: &mut Box<dyn mesh::Io>, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    buf
+}
+
+/// Connects, sends `msg`, and reads: `None` when the proxy closed the connection without a byte,
+/// else what came back.
+async fn closed_without_answer(addr: &str, t: &Transport, msg: &[u8]) -> Option<Vec<u8>> {
+    let Ok(mut s) = mesh::connect(addr, t).await else {
+        return None;
+    };
+    // The proxy may close before or after the write lands: both are a refusal.
+    let _ = s.write_all(msg).await;
+    let mut buf = vec![0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("neither closed nor answered within 10 s")
+    {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(buf[..n].to_vec()),
+    }
+}
+
+fn socket(p: Option<&envoy_types::pb::envoy::config::core::v3::Address>) -> (String, u32) {
+    match p.and_then(|a| a.address.clone()) {
+        Some(address::Address::SocketAddress(sa)) => {
+            let port = match sa.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => p,
+                _ => 0,
+            };
+            (sa.address, port)
+        }
+        other => panic!("not a socket address: {other:?}"),
+    }
+}
+
+/// Sends one request over `t` and returns status, lowercase head and body.
+async fn mtls_get(addr: &str, t: &Transport, path: &str) -> (u16, String, String) {
+    let mut s = mesh::connect(addr, t).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// CUSTOM on TCP ports, as Envoy's network ext_authz filter in Istio: one Check per connection
+/// carrying the peer's SPIFFE identity and nothing of a request; allowed connections splice,
+/// denied ones (or an authorizer error) are closed before the application sees a byte; CUSTOM is
+/// asked before DENY; an HTTP provider is not applied to TCP; a new policy's provider is asked
+/// once about an open connection. Over HTTP, with a DENY and a CUSTOM policy matching the same
+/// request, the authorizer is asked first and its denial (status, headers, body) reaches the
+/// client; when it allows, the DENY answers 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_on_tcp_ports_and_before_deny() {
+    let recorder = Recorder::default();
+    let grpc = recorder.clone().serve().await;
+    let late = Recorder {
+        deny_all: true,
+        ..Recorder::default()
+    };
+    let late_port = late.clone().serve().await;
+    let down = free_port();
+    let app = TcpApp::default();
+    let tcp_app = app.serve().await;
+    let (http_app, _http_app) = header_echo().await;
+
+    let mesh_yaml = format!(
+        r#"trustDomain: cluster.local
+extensionProviders:
+- name: recorder
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc}, timeout: 5s}}
+- name: late
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {late_port}, timeout: 5s}}
+- name: down
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {down}, timeout: 1s}}
+- name: via-http
+  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {down}, timeout: 1s}}
+"#
+    );
+    let addr = "127.0.65.1";
+    let policy = |name: &str, action: &str, provider: Option<&str>, rules: &str| {
+        let provider = provider.map_or(String::new(), |p| format!("  provider: {{name: {p}}}\n"));
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: tcp}}\nspec:\n  action: {action}\n{provider}  rules: {rules}\n"
+        )
+    };
+    let mut files = format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: db, namespace: tcp}}\nspec: {{address: {addr}, serviceAccount: db, ports: {{http: 8080, tcp: 9000, tcp-http-provider: 9001, tcp-down: 9002}}}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: db, namespace: tcp}}\nspec: {{mtls: {{mode: STRICT}}}}\n"
+    );
+    // The path is HTTP-only: on TCP it is dropped (CUSTOM matches more widely, as Istio
+    // translates it), so the rule still applies to every connection on port 9000.
+    files.push_str(&policy(
+        "tcp-custom",
+        "CUSTOM",
+        Some("recorder"),
+        r#"[{to: [{operation: {ports: ["9000"], paths: ["/only-http"]}}]}]"#,
+    ));
+    files.push_str(&policy(
+        "http-custom",
+        "CUSTOM",
+        Some("recorder"),
+        r#"[{to: [{operation: {ports: ["8080"], paths: ["/both/*"]}}]}]"#,
+    ));
+    files.push_str(&policy(
+        "http-deny",
+        "DENY",
+        None,
+        r#"[{to: [{operation: {ports: ["8080"], paths: ["/both/*"]}}]}]"#,
+    ));
+    files.push_str(&policy(
+        "banned",
+        "DENY",
+        None,
+        r#"[{from: [{source: {principals: ["cluster.local/ns/tcp/sa/banned"]}}]}]"#,
+    ));
+    files.push_str(&policy(
+        "http-provider",
+        "CUSTOM",
+        Some("via-http"),
+        r#"[{to: [{operation: {ports: ["9001"]}}]}]"#,
+    ));
+    files.push_str(&policy(
+        "down",
+        "CUSTOM",
+        Some("down"),
+        r#"[{to: [{operation: {ports: ["9002"]}}]}]"#,
+    ));
+    let mesh = Mesh::start(&[("mesh.yaml", &mesh_yaml), ("workloads.yaml", &files)]).await;
+    let mut args = vec!["--app-port".to_owned(), format!("8080={http_app}")];
+    for port in [9000, 9001, 9002] {
+        args.extend(["--app-port".to_owned(), format!("{port}={tcp_app}")]);
+    }
+    let sidecar = mesh.sidecar("tcp/db", "tcp", "db", &args).await;
+    let as_sa = |sa: &str| {
+        Transport::mtls(
+            mesh.cert("tcp", sa),
+            "spiffe://cluster.local/ns/tcp/sa/db",
+            mesh.bundle(),
+        )
+    };
+    let (client, mallory, banned) = (as_sa("client"), as_sa("mallory"), as_sa("banned"));
+    let p9000 = format!("{addr}:9000");
+    let log = || sidecar.stderr();
+
+    // Allowed: bytes both ways, several exchanges, and exactly one Check for the connection,
+    // with the client's identity and no request attributes.
+    let mut conn = mesh::connect(&p9000, &client).await.unwrap();
+    assert_eq!(round_trip(&mut conn, b"first").await, b"first");
+    assert_eq!(round_trip(&mut conn, b"second").await, b"second");
+    let checks = recorder.tcp_checks();
+    assert_eq!(checks.len(), 1, "{checks:#?}\n{}", log());
+    let a = checks[0].attributes.as_ref().unwrap();
+    let (src, dst) = (a.source.as_ref().unwrap(), a.destination.as_ref().unwrap());
+    assert_eq!(src.principal, "spiffe://cluster.local/ns/tcp/sa/client");
+    assert_eq!(dst.principal, "spiffe://cluster.local/ns/tcp/sa/db");
+    assert_eq!(socket(dst.address.as_ref()), (addr.to_owned(), 9000));
+    assert_eq!(socket(src.address.as_ref()).0, "127.0.0.1");
+    assert!(a.request.is_none() && a.tls_session.is_none(), "{a:#?}");
+    drop(conn);
+    // A second connection: a second Check.
+    let mut conn = mesh::connect(&p9000, &client).await.unwrap();
+    assert_eq!(round_trip(&mut conn, b"third").await, b"third");
+    assert_eq!(recorder.tcp_checks().len(), 2);
+    drop(conn);
+    assert_eq!(app.connections(), 2);
+
+    // Denied by the authorizer: closed, and the application never connected.
+    let got = closed_without_answer(&p9000, &mallory, b"from-mallory").await;
+    assert_eq!(got, None, "mallory got an answer\n{}", log());
+    let checks = recorder.tcp_checks();
+    assert_eq!(checks.len(), 3);
+    let a = checks[2].attributes.as_ref().unwrap();
+    assert_eq!(
+        a.source.as_ref().unwrap().principal,
+        "spiffe://cluster.local/ns/tcp/sa/mallory"
+    );
+
+    // Allowed by the authorizer, denied by DENY: CUSTOM was asked first, then DENY closed it.
+    let got = closed_without_answer(&p9000, &banned, b"from-banned").await;
+    assert_eq!(got, None, "banned got an answer\n{}", log());
+    let checks = recorder.tcp_checks();
+    assert_eq!(checks.len(), 4, "CUSTOM is asked before DENY");
+    assert_eq!(
+        checks[3]
+            .attributes
+            .as_ref()
+            .unwrap()
+            .source
+            .as_ref()
+            .unwrap()
+            .principal,
+        "spiffe://cluster.local/ns/tcp/sa/banned"
+    );
+
+    // Authorizer down, failOpen false: closed.
+    let got = closed_without_answer(&format!("{addr}:9002"), &client, b"to-down").await;
+    assert_eq!(got, None, "the down provider let it through\n{}", log());
+
+    // An HTTP provider is not applied to TCP connections (Istio ignores it on TCP filter
+    // chains): the connection is decided by DENY/ALLOW alone, here allowed, although that
+    // provider is down.
+    let mut conn = mesh::connect(&format!("{addr}:9001"), &client)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut conn, b"via-http").await, b"via-http");
+    drop(conn);
+    assert_eq!(recorder.tcp_checks().len(), 4);
+
+    // The application saw the allowed connections only.
+    assert_eq!(app.connections(), 3, "{}", app.everything());
+    let everything = app.everything();
+    for refused in ["from-mallory", "from-banned", "to-down"] {
+        assert!(!everything.contains(refused), "{refused}: {everything}");
+    }
+    let log_text = log();
+    for needle in [
+        "enforced denied by CUSTOM provider recorder: TCP connection closed",
+        "enforced denied by CUSTOM provider down: TCP connection closed",
+        "is not applied to TCP connections",
+    ] {
+        assert!(log_text.contains(needle), "{needle:?} not in\n{log_text}");
+    }
+
+    // HTTP, DENY and CUSTOM both matching: the authorizer first. Its denial reaches the client
+    // as it answered (status, headers, body); when it allows, the DENY answers 403.
+    let http = format!("{addr}:8080");
+    let (s, head, body) = mtls_get(&http, &client, "/both/tea").await;
+    assert_eq!(
+        (s, body.as_str()),
+        (418, "no tea for you"),
+        "{head}\n{}",
+        log()
+    );
+    assert!(head.contains("x-deny-reason: teapot"), "{head}");
+    let (s, _, body) = mtls_get(&http, &client, "/both/ok").await;
+    assert_eq!((s, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(recorder.http_paths(), ["/both/tea", "/both/ok"]);
+    let (s, _, body) = mtls_get(&http, &client, "/elsewhere").await;
+    assert_eq!(s, 200, "{body}");
+
+    // A new policy adds a provider for port 9000: the open connection is asked about once by
+    // that provider (which denies, so it is closed), and not again by the one that allowed it.
+    let mut conn = mesh::connect(&p9000, &client).await.unwrap();
+    assert_eq!(round_trip(&mut conn, b"before").await, b"before");
+    assert_eq!(recorder.tcp_checks().len(), 5);
+    // Named to sort after `tcp-custom`: providers are asked in policy-id order, so a gate that
+    // asked `recorder` again would do it before `late` closes the connection.
+    files.push_str(&policy(
+        "z-late",
+        "CUSTOM",
+        Some("late"),
+        r#"[{to: [{operation: {ports: ["9000"]}}]}]"#,
+    ));
+    mesh.write_config("workloads.yaml", &files);
+    wait_for(
+        "the new provider to be asked about the open connection",
+        Duration::from_secs(10),
+        async || (!late.tcp_checks().is_empty()).then_some(()),
+    )
+    .await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "open connection not closed: {r:?}\n{}",
+        log()
+    );
+    assert_eq!(late.tcp_checks().len(), 1);
+    assert_eq!(
+        recorder.tcp_checks().len(),
+        5,
+        "asked again about an open connection"
     );
 }

@@ -88,6 +88,7 @@ fn fast() -> JwksOptions {
         refresh: Duration::from_millis(100),
         retry_initial: Duration::from_millis(50),
         retry_max: Duration::from_millis(200),
+        evict_unused_after: Duration::from_secs(7 * 24 * 3600),
     }
 }
 
@@ -144,11 +145,160 @@ async fn oidc_discovery_and_unneeded_sources() {
     // Inline keys are never fetched or rewritten.
     let inline = snapshot(r#"{issuer: iss, jwks: "{\"keys\": []}"}"#);
     resolver.sync(&inline);
-    assert!(
-        resolver.inner.entries.lock().unwrap().is_empty(),
-        "the old source is dropped"
-    );
     assert_eq!(pushed_jwks(&resolver, &inline).0, "{\"keys\": []}");
+    // The old source is unused now, but kept: the rule that comes back has its keys at once,
+    // without waiting for a fetch.
+    assert!(
+        resolver.inner.entries.lock().unwrap()[&Source::Issuer(format!("http://{}", srv.addr))]
+            .unused_since
+            .borrow()
+            .is_some(),
+        "the old source is marked unused"
+    );
+    srv.mode.store(0, Ordering::SeqCst);
+    resolver.sync(&snap);
+    assert!(pushed_jwks(&resolver, &snap).0.contains("\"k1\""));
+}
+
+/// A loopback URL where nothing listens: fetches fail at once, without a server to keep.
+fn closed_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}/keys", l.local_addr().unwrap())
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Virtual time (the clock is paused and jumps to the next timer): seven days take no time.
+/// Fetches still run (and fail fast); they may hold the clock for a moment, so the checks keep
+/// a minute of margin either side of the eviction time.
+#[tokio::test(start_paused = true)]
+async fn sources_unused_for_seven_days_are_evicted() {
+    let url = closed_url();
+    let with = snapshot(&format!("{{issuer: iss, jwksUri: \"{url}\"}}"));
+    let without = snapshot(r#"{issuer: iss, jwks: "{\"keys\": []}"}"#);
+    let source = Source::Uri(url);
+    let resolver = JwksResolver::new(JwksOptions::default());
+    assert_eq!(
+        resolver.inner.options.evict_unused_after,
+        7 * DAY,
+        "the default"
+    );
+    let cached = |r: &JwksResolver| r.cached_sources().contains(&source);
+
+    // In use: never evicted, however long.
+    resolver.sync(&with);
+    tokio::time::sleep(8 * DAY).await;
+    assert!(cached(&resolver), "a source in use was evicted");
+
+    // Unused from now on: kept for seven days, then evicted.
+    resolver.sync(&without);
+    tokio::time::sleep(2 * DAY).await;
+    // Used again, then unused again: the seven days start over.
+    resolver.sync(&with);
+    resolver.sync(&without);
+    tokio::time::sleep(7 * DAY - MINUTE).await;
+    assert!(
+        cached(&resolver),
+        "evicted before seven days unused (counted from the first time it went unused?)"
+    );
+    tokio::time::sleep(2 * MINUTE).await;
+    assert!(!cached(&resolver), "still cached after seven days unused");
+
+    // A rule that names it again starts afresh.
+    resolver.sync(&with);
+    assert!(cached(&resolver));
+}
+
+/// The refresh task evicts on time by itself: no later reload is needed.
+#[tokio::test(start_paused = true)]
+async fn eviction_follows_the_configured_age() {
+    let url = closed_url();
+    let with = snapshot(&format!("{{issuer: iss, jwksUri: \"{url}\"}}"));
+    let without = snapshot(r#"{issuer: iss, jwks: "{\"keys\": []}"}"#);
+    let options = JwksOptions {
+        evict_unused_after: DAY,
+        ..JwksOptions::default()
+    };
+    let resolver = JwksResolver::new(options);
+    resolver.sync(&with);
+    resolver.sync(&without);
+    tokio::time::sleep(DAY - MINUTE).await;
+    assert_eq!(resolver.cached_sources().len(), 1);
+    tokio::time::sleep(2 * MINUTE).await;
+    assert!(resolver.cached_sources().is_empty());
+}
+
+#[test]
+fn timings_from_mesh_yaml_and_the_environment() {
+    let mesh = palisade_policy::mesh::MeshConfig::from_yaml(
+        "jwksResolver: {refreshInterval: 5m, retryInitialInterval: 10s, retryMaxInterval: 30m, evictUnusedAfter: 48h}",
+        "mesh.yaml",
+    )
+    .unwrap();
+    let from_mesh = JwksOptions::from(mesh.jwks_timings());
+    let none = |_: &str| None;
+    assert_eq!(
+        from_mesh.with_env(none),
+        JwksOptions {
+            refresh: Duration::from_secs(300),
+            retry_initial: Duration::from_secs(10),
+            retry_max: Duration::from_secs(1800),
+            evict_unused_after: 2 * DAY,
+        }
+    );
+    // The environment wins over mesh.yaml.
+    let env = |k: &str| match k {
+        ENV_REFRESH => Some("2s".to_owned()),
+        ENV_RETRY => Some("1s".to_owned()),
+        _ => None,
+    };
+    assert_eq!(
+        from_mesh.with_env(env),
+        JwksOptions {
+            refresh: Duration::from_secs(2),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            evict_unused_after: 2 * DAY,
+        }
+    );
+    // Invalid values are ignored (and logged): mesh.yaml stays in force.
+    let bad = |k: &str| (k == ENV_REFRESH).then(|| "often".to_owned());
+    assert_eq!(from_mesh.with_env(bad), from_mesh);
+    let zero = |k: &str| (k == ENV_RETRY).then(|| "0s".to_owned());
+    assert_eq!(from_mesh.with_env(zero), from_mesh);
+    // A long retry never makes the maximum shorter than the first delay.
+    let long = |k: &str| (k == ENV_RETRY).then(|| "2h".to_owned());
+    let o = from_mesh.with_env(long);
+    assert_eq!(
+        (o.retry_initial, o.retry_max),
+        (
+            2 * 3600 * Duration::from_secs(1),
+            2 * 3600 * Duration::from_secs(1)
+        )
+    );
+    // Without mesh.yaml settings: the defaults.
+    assert_eq!(
+        JwksOptions::default(),
+        JwksOptions::from(palisade_policy::mesh::JwksTimings::default())
+    );
+}
+
+#[tokio::test]
+async fn fetches_are_counted_by_result() {
+    let srv = server().await;
+    let snap = snapshot(&format!(
+        "{{issuer: iss, jwksUri: \"http://{}/keys\"}}",
+        srv.addr
+    ));
+    let metrics = ControlMetrics::default();
+    let resolver = JwksResolver::with_metrics(fast(), metrics.clone());
+    resolver.sync(&snap);
+    wait_for(&resolver, &snap, "500").await;
+    srv.mode.store(1, Ordering::SeqCst);
+    wait_for(&resolver, &snap, "\"k1\"").await;
+    assert!(metrics.jwks_fetch_count(false) >= 1);
+    assert!(metrics.jwks_fetch_count(true) >= 1);
 }
 
 #[test]

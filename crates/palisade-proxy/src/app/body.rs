@@ -9,6 +9,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 
 use super::PoolRef;
 use super::h1::{BodyDecoder, Decoded, WireError};
@@ -33,10 +34,51 @@ pub struct AppBody {
     live: Option<Live>,
 }
 
+/// The connection a response body is read from.
+#[derive(Debug)]
+pub(super) enum Conn {
+    /// The whole connection: it may go back to the pool when the body ends.
+    Whole(TcpStream),
+    /// Its read half only: the request body is still being written (full duplex), or its
+    /// writing failed. Closed when the body ends; the upload, if any, is cut then.
+    Reading {
+        half: OwnedReadHalf,
+        /// Held only to be cut when the body ends.
+        _upload: Option<Upload>,
+    },
+}
+
+impl Conn {
+    pub(super) fn reading(half: OwnedReadHalf, upload: Option<Upload>) -> Self {
+        Conn::Reading {
+            half,
+            _upload: upload,
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Whole(s) => s,
+            Conn::Reading { half, .. } => half.as_ref(),
+        }
+    }
+}
+
+/// A request body being written while its response streams back; cut when dropped (the app
+/// has answered in full, or the client went away).
+#[derive(Debug)]
+pub(super) struct Upload(pub(super) tokio::task::JoinHandle<()>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A body still coming in on its connection.
 #[derive(Debug)]
 pub(super) struct Live {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Conn,
     /// Bytes read and not yet handed on (the head's leftovers first).
     pub(super) buf: BytesMut,
     pub(super) decoder: BodyDecoder,
@@ -72,15 +114,17 @@ impl Body for AppBody {
             };
             let addr = live.addr;
             let step = match live.decoder.decode(&mut live.buf) {
-                Ok(Decoded::NeedMore) => match ready!(poll_fill(&live.stream, &mut live.buf, cx)) {
-                    Ok(0) if live.decoder.ends_at_eof() => {
-                        live.reusable = false;
-                        Ok(Decoded::End)
+                Ok(Decoded::NeedMore) => {
+                    match ready!(poll_fill(live.stream.tcp(), &mut live.buf, cx)) {
+                        Ok(0) if live.decoder.ends_at_eof() => {
+                            live.reusable = false;
+                            Ok(Decoded::End)
+                        }
+                        Ok(0) => Err(AppBodyError::Truncated { addr }),
+                        Ok(_) => continue,
+                        Err(cause) => Err(AppBodyError::Io { addr, cause }),
                     }
-                    Ok(0) => Err(AppBodyError::Truncated { addr }),
-                    Ok(_) => continue,
-                    Err(cause) => Err(AppBodyError::Io { addr, cause }),
-                },
+                }
                 decoded => decoded.map_err(|cause| AppBodyError::Wire { addr, cause }),
             };
             match step {
@@ -90,8 +134,11 @@ impl Body for AppBody {
                 Ok(Decoded::End | Decoded::NeedMore) => {
                     if let Some(live) = this.live.take() {
                         // Extra bytes after the body: the app is out of step; do not reuse.
-                        if live.reusable && live.buf.is_empty() {
-                            live.pool.checkin(live.addr, live.stream);
+                        if live.reusable
+                            && live.buf.is_empty()
+                            && let Conn::Whole(stream) = live.stream
+                        {
+                            live.pool.checkin(live.addr, stream);
                         }
                     }
                     return Poll::Ready(None);

@@ -25,9 +25,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 pub use body::{AppBody, AppBodyError};
 use h1::{BodyDecoder, RequestFraming, ResponseFraming, WireError};
@@ -143,8 +142,8 @@ impl AppPool {
         req: Request<B>,
     ) -> Result<Response<AppBody>, AppError>
     where
-        B: hyper::body::Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError> + Send,
     {
         let (parts, mut body) = req.into_parts();
         let framing = h1::request_framing(
@@ -166,6 +165,14 @@ impl AppPool {
             head: &head,
             framing,
         };
+        if framing != RequestFraming::Empty {
+            // Never retried: the body may be partly consumed.
+            return exchange
+                .run_with_body(stream, body)
+                .await
+                .map(|x| x.into_response(&self.inner))
+                .map_err(|f| f.error);
+        }
         let answered = match exchange.run(stream, &mut body).await {
             // The app closed a pooled connection as it was picked: a request without a body
             // and with an idempotent method (RFC 9110 section 9.2.2) goes once more, on a new
@@ -173,7 +180,7 @@ impl AppPool {
             Err(Failure {
                 error,
                 nothing_back: true,
-            }) if reused && framing == RequestFraming::Empty && parts.method.is_idempotent() => {
+            }) if reused && parts.method.is_idempotent() => {
                 tracing::debug!(%addr, %error, "pooled application connection closed; retrying");
                 exchange.run(connect(addr).await?, &mut body).await
             }
@@ -209,7 +216,7 @@ struct Answered {
     addr: SocketAddr,
     head: h1::ResponseHead,
     framing: ResponseFraming,
-    stream: TcpStream,
+    stream: body::Conn,
     buf: BytesMut,
     reusable: bool,
 }
@@ -217,8 +224,11 @@ struct Answered {
 impl Answered {
     fn into_response(self, pool: &PoolRef) -> Response<AppBody> {
         let body = if self.framing == ResponseFraming::Empty {
-            if self.reusable && self.buf.is_empty() {
-                pool.checkin(self.addr, self.stream);
+            if self.reusable
+                && self.buf.is_empty()
+                && let body::Conn::Whole(stream) = self.stream
+            {
+                pool.checkin(self.addr, stream);
             }
             AppBody::empty()
         } else {
@@ -240,9 +250,89 @@ impl Answered {
 }
 
 impl Exchange<'_> {
-    /// Writes the request while reading the response head: an app may answer before it has
-    /// read the whole body (then the rest of the body is not sent and the connection is not
-    /// reused).
+    /// A request with a body: written while the response head is read, and, when the app answers
+    /// first, written on beside the response (full duplex: an app may stream its answer while
+    /// it reads). An upload still going when the response ends is cut, and the connection is
+    /// not reused.
+    async fn run_with_body<B>(&self, stream: TcpStream, body: B) -> Result<Answered, Failure>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        let addr = self.addr;
+        let (mut rd, wr) = stream.into_split();
+        let head = self.head.to_vec();
+        let framing = self.framing;
+        let mut upload = Box::pin(async move {
+            let (mut wr, mut body) = (wr, body);
+            write_request(addr, &mut wr, &head, framing, &mut body)
+                .await
+                .map(|()| wr)
+        });
+        let mut buf = BytesMut::with_capacity(HEAD_READ);
+        let mut sent = None;
+        let head = {
+            let read = read_head(addr, &mut rd, &mut buf);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    biased;
+                    w = &mut upload, if sent.is_none() => match w {
+                        // The client's body failed or overran: the app would wait for the rest.
+                        Err(e) if !matches!(e, AppError::Io { .. }) => {
+                            return Err(Failure { error: e, nothing_back: false });
+                        }
+                        w => sent = Some(w),
+                    },
+                    h = &mut read => break h,
+                }
+            }
+        };
+        let head = head.map_err(|error| Failure {
+            nothing_back: buf.is_empty(),
+            error,
+        })?;
+        let resp_framing = h1::response_framing(self.method, &head).map_err(|cause| Failure {
+            error: AppError::Wire { addr, cause },
+            nothing_back: false,
+        })?;
+        let (stream, reusable) = match sent {
+            Some(Ok(wr)) => match rd.reunite(wr) {
+                Ok(stream) => (
+                    body::Conn::Whole(stream),
+                    h1::keep_alive(&head, resp_framing),
+                ),
+                Err(e) => (body::Conn::reading(e.0, None), false),
+            },
+            Some(Err(e)) => {
+                tracing::debug!(%addr, error = %e, "writing the request to the application failed");
+                (body::Conn::reading(rd, None), false)
+            }
+            None => {
+                let task = tokio::spawn(async move {
+                    match upload.await {
+                        // No FIN at the end of the body: an app may take a half-closed
+                        // connection for a client gone away. It closes with the read half.
+                        Ok(wr) => wr.forget(),
+                        Err(e) => {
+                            tracing::debug!(%addr, error = %e, "request body to the application ended early");
+                        }
+                    }
+                });
+                (body::Conn::reading(rd, Some(body::Upload(task))), false)
+            }
+        };
+        Ok(Answered {
+            addr,
+            head,
+            framing: resp_framing,
+            stream,
+            buf,
+            reusable,
+        })
+    }
+
+    /// A request without a body: the head written while the response head is read.
     async fn run<B>(&self, mut stream: TcpStream, body: &mut B) -> Result<Answered, Failure>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
@@ -252,7 +342,7 @@ impl Exchange<'_> {
         let mut buf = BytesMut::with_capacity(HEAD_READ);
         let (head, sent) = {
             let (mut rd, mut wr) = stream.split();
-            let write = self.write(&mut wr, body);
+            let write = write_request(addr, &mut wr, self.head, self.framing, body);
             let read = read_head(addr, &mut rd, &mut buf);
             tokio::pin!(write, read);
             let mut sent = None;
@@ -293,80 +383,86 @@ impl Exchange<'_> {
             addr,
             head,
             framing,
-            stream,
+            stream: body::Conn::Whole(stream),
             buf,
             reusable,
         })
     }
+}
 
-    /// The head, then the body framed as `self.framing` says.
-    async fn write<B>(&self, wr: &mut WriteHalf<'_>, body: &mut B) -> Result<(), AppError>
-    where
-        B: hyper::body::Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
-        let addr = self.addr;
-        let io = |cause| AppError::Io { addr, cause };
-        wr.write_all(self.head).await.map_err(io)?;
-        if self.framing == RequestFraming::Empty {
-            return Ok(());
-        }
-        let mut sent: u64 = 0;
-        let mut trailers = None;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| AppError::RequestBody {
-                addr,
-                cause: e.into(),
-            })?;
-            let data = match frame.into_data() {
-                Ok(d) => d,
-                Err(f) => {
-                    trailers = f.into_trailers().ok();
-                    break;
-                }
-            };
-            if data.is_empty() {
-                continue;
+/// The head, then the body framed as `framing` says.
+async fn write_request<W, B>(
+    addr: SocketAddr,
+    wr: &mut W,
+    head: &[u8],
+    framing: RequestFraming,
+    body: &mut B,
+) -> Result<(), AppError>
+where
+    W: AsyncWrite + Unpin,
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let io = |cause| AppError::Io { addr, cause };
+    wr.write_all(head).await.map_err(io)?;
+    if framing == RequestFraming::Empty {
+        return Ok(());
+    }
+    let mut sent: u64 = 0;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| AppError::RequestBody {
+            addr,
+            cause: e.into(),
+        })?;
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(f) => {
+                trailers = f.into_trailers().ok();
+                break;
             }
-            sent += data.len() as u64;
-            match self.framing {
-                RequestFraming::Length(declared) if sent > declared => {
-                    return Err(AppError::RequestLength {
-                        addr,
-                        sent,
-                        declared,
-                    });
-                }
-                RequestFraming::Chunked => {
-                    wr.write_all(&h1::chunk_header(data.len()))
-                        .await
-                        .map_err(io)?;
-                    wr.write_all(&data).await.map_err(io)?;
-                    wr.write_all(b"\r\n").await.map_err(io)?;
-                }
-                _ => wr.write_all(&data).await.map_err(io)?,
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        match framing {
+            RequestFraming::Length(declared) if sent > declared => {
+                return Err(AppError::RequestLength {
+                    addr,
+                    sent,
+                    declared,
+                });
             }
+            RequestFraming::Chunked => {
+                wr.write_all(&h1::chunk_header(data.len()))
+                    .await
+                    .map_err(io)?;
+                wr.write_all(&data).await.map_err(io)?;
+                wr.write_all(b"\r\n").await.map_err(io)?;
+            }
+            _ => wr.write_all(&data).await.map_err(io)?,
         }
-        match self.framing {
-            RequestFraming::Length(declared) if sent != declared => Err(AppError::RequestLength {
-                addr,
-                sent,
-                declared,
-            }),
-            RequestFraming::Chunked => wr
-                .write_all(&h1::last_chunk(trailers.as_ref()))
-                .await
-                .map_err(io),
-            _ => Ok(()),
-        }
+    }
+    match framing {
+        RequestFraming::Length(declared) if sent != declared => Err(AppError::RequestLength {
+            addr,
+            sent,
+            declared,
+        }),
+        RequestFraming::Chunked => wr
+            .write_all(&h1::last_chunk(trailers.as_ref()))
+            .await
+            .map_err(io),
+        _ => Ok(()),
     }
 }
 
 /// Reads until a final response head is in `buf` (1xx interim responses skipped); leaves the
 /// bytes after it in `buf`.
-async fn read_head(
+async fn read_head<R: AsyncRead + Unpin>(
     addr: SocketAddr,
-    rd: &mut ReadHalf<'_>,
+    rd: &mut R,
     buf: &mut BytesMut,
 ) -> Result<h1::ResponseHead, AppError> {
     loop {
@@ -400,7 +496,7 @@ async fn read_head(
 }
 
 /// Dials the application.
-async fn connect(addr: SocketAddr) -> Result<TcpStream, AppError> {
+pub(crate) async fn connect(addr: SocketAddr) -> Result<TcpStream, AppError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| AppError::ConnectTimeout(addr))?
@@ -693,8 +789,8 @@ mod tests {
 
     async fn sent_as<B>(body: B, headers: &[(&str, &str)]) -> Result<String, AppError>
     where
-        B: hyper::body::Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError> + Send,
     {
         let (addr, _, mut raw) = scripted(|_| {
             (
@@ -848,6 +944,69 @@ mod tests {
                 "{raw:?}: {err}"
             );
         }
+    }
+
+    /// Full duplex: an app that sends its answer's head at once and then echoes the body as it
+    /// reads it gets the whole body, each part sent after the previous echo came back.
+    #[tokio::test]
+    async fn an_app_answering_first_still_gets_the_whole_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                assert!(fill(&mut s, &mut buf).await);
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let _ = buf.split_to(end);
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            let mut decoder = h1::ChunkedDecoder::default();
+            loop {
+                match decoder.decode(&mut buf).unwrap() {
+                    h1::Decoded::Data(d) if !d.is_empty() => {
+                        let out = [&h1::chunk_header(d.len())[..], &d, b"\r\n"].concat();
+                        s.write_all(&out).await.unwrap();
+                    }
+                    h1::Decoded::End => break,
+                    h1::Decoded::NeedMore => assert!(fill(&mut s, &mut buf).await),
+                    _ => {}
+                }
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"one"))))
+            .await
+            .unwrap();
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = Request::post("/")
+            .header("host", "app")
+            .header("transfer-encoding", "chunked")
+            .body(body)
+            .unwrap();
+        let pool = AppPool::default();
+        let resp = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, req))
+            .await
+            .expect("the head arrives while the body is open")
+            .unwrap();
+        let mut body = resp.into_body();
+        for part in ["one", "two", "three"] {
+            if part != "one" {
+                tx.send(Ok(Frame::data(Bytes::from(part)))).await.unwrap();
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("{part} is echoed while the body is open"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(frame.into_data().unwrap(), part);
+        }
+        drop(tx);
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert!(rest.is_empty());
     }
 
     /// An app that answers before reading the body (413, say) gets no more of it; its answer

@@ -54,12 +54,18 @@ impl GrpcClient {
     }
 
     pub(crate) async fn check(&self, common: &Common, input: &CheckInput<'_>) -> Answer {
+        self.send(common, check_request(common, input)).await
+    }
+
+    /// Sends a prepared check request (an HTTP request's, or a TCP connection's from
+    /// [`super::network`]).
+    pub(crate) async fn send(&self, common: &Common, check: CheckRequest) -> Answer {
         let channel = self
             .channel
             .get_or_init(|| self.endpoint.connect_lazy())
             .clone();
         let mut client = AuthorizationClient::new(channel);
-        let mut req = tonic::Request::new(check_request(common, input));
+        let mut req = tonic::Request::new(check);
         req.set_timeout(common.timeout);
         match client.check(req).await {
             Ok(resp) => map_response(resp.into_inner()),
@@ -68,7 +74,7 @@ impl GrpcClient {
     }
 }
 
-fn socket_address(a: std::net::SocketAddr) -> Address {
+pub(crate) fn socket_address(a: std::net::SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: a.ip().to_string(),

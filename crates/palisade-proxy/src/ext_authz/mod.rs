@@ -11,11 +11,15 @@
 //! the answer, with the authorizer's status, headers and body; allows merge their header edits.
 //! A provider that cannot be asked (error, timeout, unknown) is `failOpen` ? allow :
 //! `statusOnError` (default 403).
+//!
+//! TCP connections: one check per connection with the peer identity, `envoyExtAuthzGrpc`
+//! providers only, a denial closes the connection ([`network`]).
 
 pub mod body;
 pub mod gate;
 pub mod grpc;
 pub mod http;
+pub mod network;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

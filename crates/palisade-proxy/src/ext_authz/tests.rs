@@ -271,7 +271,7 @@ fn http_check_request_and_mapping() {
 // ---- real authorizers on loopback ----
 
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<CheckRequest>>>);
+pub(super) struct Seen(pub(super) Arc<Mutex<Vec<CheckRequest>>>);
 
 struct GrpcAuthz {
     seen: Seen,
@@ -312,7 +312,7 @@ impl Authorization for GrpcAuthz {
     }
 }
 
-async fn grpc_server(deny: bool) -> (SocketAddr, Seen) {
+pub(super) async fn grpc_server(deny: bool) -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Seen::default();
@@ -376,7 +376,7 @@ fn mesh(providers: Vec<ExtensionProvider>) -> MeshConfig {
     }
 }
 
-fn grpc_p(name: &str, addr: SocketAddr) -> ExtensionProvider {
+pub(super) fn grpc_p(name: &str, addr: SocketAddr) -> ExtensionProvider {
     ExtensionProvider {
         name: name.into(),
         envoy_ext_authz_grpc: Some(ExtAuthzGrpcProvider {
@@ -395,7 +395,7 @@ fn grpc_p(name: &str, addr: SocketAddr) -> ExtensionProvider {
     }
 }
 
-fn http_p(
+pub(super) fn http_p(
     name: &str,
     port: u16,
     fail_open: bool,

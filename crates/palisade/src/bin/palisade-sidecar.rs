@@ -26,6 +26,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     palisade::cli::one_malloc_arena();
     init_logging(&cli.log, cli.log_format);
+    // A child of `palisade up` dies with it.
+    palisade::cli::exit_with_parent();
     let runtime = match runtime(false) {
         Ok(rt) => rt,
         Err(code) => return code,

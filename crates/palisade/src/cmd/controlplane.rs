@@ -1,10 +1,13 @@
 //! `palisade controlplane`: runs the CA (IstioCertificateService over TLS) from a state
 //! directory and an optional `mesh.yaml`, and with `--config DIR` watches the mesh directory and
-//! pushes each workload's config to its proxy over ADS.
+//! pushes each workload's config to its proxy over ADS. Its admin endpoint serves Prometheus
+//! metrics on `/metrics` (docs/operations.md).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use palisade_ca::jwks::{IssuerConfig, JwksSource};
@@ -40,6 +43,22 @@ pub struct Args {
     /// Address of the ADS port (mutual TLS; proxies authenticate with their SVID).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15010")]
     pub xds_listen: SocketAddr,
+    /// Lifetime of the ADS serving certificate, re-issued at half of it (e.g. 30d, 12h).
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_cert_ttl)]
+    pub xds_cert_ttl: Duration,
+    /// Admin endpoint: Prometheus metrics on /metrics (istiod's monitoring port). Port 0 picks
+    /// a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
+}
+
+/// A certificate lifetime: whole seconds, at least one (certificates hold no less).
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = super::token::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: a certificate lives at least 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_key_type(s: &str) -> Result<CaKeyType, String> {
@@ -69,6 +88,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let server = CaServer::prepare(options, &mut registry)
         .await
         .context("starting the CA")?;
+    let metrics = palisade_control::ControlMetrics::register(&mut registry);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -77,48 +97,80 @@ pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     // Tests and scripts read the port from this line.
     println!("palisade controlplane: CA listening on {addr}");
 
-    // Config push: kept alive (the watcher and the ADS task) until the CA stops.
+    // Config push: kept alive (the watcher and the ADS tasks) until the CA stops.
     let _config = match &args.config {
-        Some(dir) => Some(start_config_push(dir, &server, args.xds_listen).await?),
+        Some(dir) => Some(
+            start_config_push(
+                dir,
+                &server,
+                &mesh,
+                args.xds_listen,
+                args.xds_cert_ttl,
+                metrics,
+            )
+            .await?,
+        ),
         None => None,
     };
+
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", args.admin))?;
+    let admin_addr = admin.local_addr()?;
+    tokio::spawn(
+        palisade_control::AdminServer::new(Arc::new(registry)).serve(admin, std::future::pending()),
+    );
+    tracing::info!(addr = %admin_addr, "admin listening (/metrics)");
+    println!("palisade controlplane: admin listening on {admin_addr}");
 
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("control plane stopped");
     Ok(ExitCode::SUCCESS)
 }
 
+/// What keeps config push running: the directory watcher, the ADS server and the rotation of
+/// its serving certificate.
+struct ConfigPush {
+    _watcher: palisade_control::ConfigWatcher,
+    _ads: tokio::task::JoinHandle<()>,
+    _rotation: tokio::task::JoinHandle<()>,
+}
+
 /// Watches the mesh directory and serves ADS over mutual TLS with a serving certificate for the
-/// control plane's identity, issued by this CA.
+/// control plane's identity, issued by this CA and rotated at half its lifetime.
 async fn start_config_push(
     dir: &Path,
     server: &CaServer,
+    mesh: &MeshConfig,
     listen: SocketAddr,
-) -> anyhow::Result<(palisade_control::ConfigWatcher, tokio::task::JoinHandle<()>)> {
-    let cache = std::sync::Arc::new(palisade_xds::SnapshotCache::new());
-    // JWKS keys of RequestAuthentications are fetched here and pushed inline to proxies.
-    let jwks =
-        palisade_control::jwks::JwksResolver::new(palisade_control::jwks::JwksOptions::from_env());
+    cert_ttl: Duration,
+    metrics: palisade_control::ControlMetrics,
+) -> anyhow::Result<ConfigPush> {
+    let cache = Arc::new(palisade_xds::SnapshotCache::new());
+    // JWKS keys of RequestAuthentications are fetched here and pushed inline to proxies, with
+    // mesh.yaml's timings (the environment overrides them).
+    let jwks = palisade_control::jwks::JwksResolver::with_metrics(
+        palisade_control::jwks::JwksOptions::from_mesh(mesh),
+        metrics.clone(),
+    );
     // A directory that does not validate now is reported and watched, not fatal: the CA must
     // keep issuing certificates while someone fixes it (its first valid state is pushed).
     let watcher = palisade_control::ConfigWatcher::start_tolerant(dir, cache.clone(), Some(jwks))?;
-    let identity = server.serving_identity().clone();
-    let key =
-        palisade_identity::generate_key_and_csr(&identity, palisade_identity::KeyType::EcdsaP256)?;
-    let issued = server
-        .authority()
-        .issue(&key.csr_pem, &identity, 30 * 24 * 3600)
-        .context("issuing the ADS serving certificate")?;
-    let svid = palisade_identity::Svid::new(issued.chain, key.key.der)?;
+    let (cert, rotation) = palisade_control::serving::start(
+        Arc::clone(server.authority()),
+        server.serving_identity().clone(),
+        cert_ttl,
+    )?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
-    let ads =
-        palisade_control::AdsServer::new(cache, watcher.snapshots()).with_status(watcher.status());
+    let ads = palisade_control::AdsServer::new(cache, watcher.snapshots())
+        .with_status(watcher.status())
+        .with_metrics(metrics);
     let bundle = server.trust_bundle().clone();
     let task = tokio::spawn(async move {
-        let cert = palisade_identity::CertSource::from(svid);
+        let cert = palisade_identity::CertSource::from(cert);
         if let Err(e) = ads
             .serve(listener, cert, &bundle, std::future::pending())
             .await
@@ -128,7 +180,11 @@ async fn start_config_push(
     });
     tracing::info!(%addr, dir = %dir.display(), "ADS listening");
     println!("palisade controlplane: ADS listening on {addr}");
-    Ok((watcher, task))
+    Ok(ConfigPush {
+        _watcher: watcher,
+        _ads: task,
+        _rotation: rotation,
+    })
 }
 
 /// CA options from a mesh config: trust domain, aliases and `caTokenIssuers` (relative

@@ -1,16 +1,19 @@
 //! `palisade up DIR`: a whole mesh from one directory on this machine, no Kubernetes.
 //!
-//! It validates the directory (every error at once), then runs and supervises child processes of
-//! this same binary: the control plane (`palisade controlplane --config DIR`, which watches DIR
-//! and pushes every change), one `palisade sidecar` per WorkloadEntry on the workload's own
-//! loopback address, and a demo application (`palisade echo`) where the WorkloadEntry asks for
-//! one with the annotation `palisade.dev/demo-app: echo`.
+//! It validates the directory (every error at once), then runs and supervises child processes:
+//! the control plane (`palisade controlplane --config DIR`, which watches DIR and pushes every
+//! change), one sidecar per WorkloadEntry on the workload's own loopback address (the lean
+//! `palisade-sidecar` binary when it sits next to this one, else `palisade sidecar`), and a demo
+//! application (`palisade echo`) where the WorkloadEntry asks for one with the annotation
+//! `palisade.dev/demo-app: echo`.
 //!
 //! Children are separate processes so that each can fail (or be killed) on its own: a child that
 //! exits is restarted with backoff and reported, with the same addresses, so the others never
 //! notice more than a reconnect. They run in their own process group: Ctrl-C reaches `up` alone,
-//! which then stops every child before it exits. Their logs go to `STATE/logs/`; `STATE/up.json`
-//! tells `palisade status` what is running where.
+//! which then stops every child before it exits. Should `up` die without that (SIGKILL, a
+//! crash), the kernel kills them too: each child sets Linux's parent-death signal at start
+//! ([`crate::cli::exit_with_parent`]). Their logs go to `STATE/logs/`; `STATE/up.json` tells
+//! `palisade status` what is running where.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -55,6 +58,10 @@ pub struct Args {
     /// Address of the control plane's ADS; port 0 picks a free port (kept across restarts).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub xds_listen: SocketAddr,
+    /// Address of the control plane's admin endpoint (Prometheus /metrics); port 0 picks a free
+    /// port (kept across restarts).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub controlplane_admin: SocketAddr,
     /// Lifetime of the workload certificates (rotated at half-life).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = super::token::parse_duration)]
     pub cert_ttl: Duration,
@@ -68,6 +75,9 @@ pub struct UpState {
     pub state: PathBuf,
     pub ca: String,
     pub xds: String,
+    /// The control plane's admin endpoint (`/metrics`).
+    #[serde(default)]
+    pub controlplane_admin: Option<String>,
     pub root: PathBuf,
     pub logs: PathBuf,
     /// Process id of `palisade up`.
@@ -145,7 +155,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The control plane first: the sidecars need its CA and ADS.
     let ca = pick_addr(args.ca_listen)?;
     let xds = pick_addr(args.xds_listen)?;
+    let cp_admin = pick_addr(args.controlplane_admin)?;
     let exe = std::env::current_exe().context("locating the palisade binary")?;
+    let sidecar = SidecarProgram::next_to(&exe);
+    if let Some(why) = &sidecar.fallback {
+        eprintln!("{why}");
+    }
     let cp = ChildSpec {
         name: "control plane".into(),
         exe: exe.clone(),
@@ -159,6 +174,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             ca.to_string().as_ref(),
             "--xds-listen".as_ref(),
             xds.to_string().as_ref(),
+            "--admin".as_ref(),
+            cp_admin.to_string().as_ref(),
         ]),
         env: Vec::new(),
         log: logs.join("controlplane.log"),
@@ -168,7 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     supervisors.push(tokio::spawn(supervise(cp, stop_rx.clone())));
     eprintln!(
-        "control plane: CA on {ca}, ADS on {xds}, state in {}",
+        "control plane: CA on {ca}, ADS on {xds}, metrics on http://{cp_admin}/metrics, state in {}",
         state.display()
     );
     let root = state.join("root-cert.pem");
@@ -216,8 +233,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 refresh()
             })
         };
-        let mut sidecar_args: Vec<OsString> = os_args([
-            "sidecar".as_ref(),
+        let mut sidecar_args: Vec<OsString> = sidecar.prefix.clone();
+        sidecar_args.extend(os_args([
             "--workload".as_ref(),
             key.as_ref(),
             "--control-plane".as_ref(),
@@ -238,14 +255,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             p.info.outbound.as_ref(),
             "--ready-file".as_ref(),
             ready.as_os_str(),
-        ]);
+        ]));
         for (port, app) in &p.app_ports {
             sidecar_args.push("--app-port".into());
             sidecar_args.push(format!("{port}={app}").into());
         }
         let spec = ChildSpec {
             name: format!("sidecar {key}"),
-            exe: exe.clone(),
+            exe: sidecar.exe.clone(),
             args: sidecar_args,
             env: Vec::new(),
             log: p.info.log.clone(),
@@ -325,6 +342,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         state: state.clone(),
         ca: ca.to_string(),
         xds: xds.to_string(),
+        controlplane_admin: Some(cp_admin.to_string()),
         root: root.clone(),
         logs: logs.clone(),
         pid: std::process::id(),
@@ -445,6 +463,44 @@ fn plan(
         bail!("cannot run this mesh:\n  {}", errors.join("\n  "));
     }
     Ok(out)
+}
+
+/// The program `up` runs as each sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarProgram {
+    pub exe: PathBuf,
+    /// Arguments before the sidecar's own (`sidecar` for the `palisade` binary).
+    pub prefix: Vec<OsString>,
+    /// Why the lean binary is not used, for the user.
+    pub fallback: Option<String>,
+}
+
+/// The lean sidecar binary's file name.
+pub const SIDECAR_BIN: &str = "palisade-sidecar";
+
+impl SidecarProgram {
+    /// `palisade-sidecar` next to `exe` (the running `palisade`): less code mapped, less memory
+    /// per sidecar. Without it (`cargo run` builds only the `palisade` binary), `exe sidecar`,
+    /// which runs the same code.
+    pub fn next_to(exe: &Path) -> Self {
+        let lean = exe.with_file_name(format!("{SIDECAR_BIN}{}", std::env::consts::EXE_SUFFIX));
+        if lean.is_file() {
+            return Self {
+                exe: lean,
+                prefix: Vec::new(),
+                fallback: None,
+            };
+        }
+        Self {
+            exe: exe.to_path_buf(),
+            prefix: vec!["sidecar".into()],
+            fallback: Some(format!(
+                "sidecars run `{} sidecar`: no {} next to it (`cargo run` builds only the palisade binary; `cargo build --release` builds both)",
+                exe.display(),
+                lean.display()
+            )),
+        }
+    }
 }
 
 /// `addr` itself, or with port 0 a port that is free now (so that restarts reuse it).
@@ -748,6 +804,8 @@ async fn spawn(spec: &ChildSpec) -> anyhow::Result<tokio::process::Child> {
     if std::env::var_os("PALISADE_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
         cmd.env("PALISADE_LOG", "info");
     }
+    // The child dies with `up`, even a SIGKILLed one (see `cli::exit_with_parent`).
+    cmd.env(crate::cli::PARENT_PID_ENV, std::process::id().to_string());
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
@@ -811,4 +869,46 @@ async fn terminate(child: &mut tokio::process::Child) {
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn sidecars_run_the_lean_binary_when_it_is_next_to_palisade() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir
+            .path()
+            .join(format!("palisade{}", std::env::consts::EXE_SUFFIX));
+        std::fs::write(&exe, b"").unwrap();
+
+        // Only `palisade` (what `cargo run` builds): its own subcommand, and the reason said.
+        let alone = SidecarProgram::next_to(&exe);
+        assert_eq!(
+            (&alone.exe, &alone.prefix[..]),
+            (&exe, &[OsString::from("sidecar")][..])
+        );
+        let why = alone.fallback.unwrap();
+        assert!(
+            why.contains("palisade-sidecar") && why.contains("cargo run"),
+            "{why}"
+        );
+
+        // Both binaries: the lean one, with no subcommand.
+        let lean = dir
+            .path()
+            .join(format!("{SIDECAR_BIN}{}", std::env::consts::EXE_SUFFIX));
+        std::fs::write(&lean, b"").unwrap();
+        assert_eq!(
+            SidecarProgram::next_to(&exe),
+            SidecarProgram {
+                exe: lean,
+                prefix: Vec::new(),
+                fallback: None
+            }
+        );
+    }
 }

@@ -244,9 +244,12 @@ impl ControlPlane {
     pub async fn start(dir: &Path, state: &Path, port: u16, name: &str) -> Self {
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(PALISADE);
-        cmd.args(["controlplane", "--state"])
-            .arg(state)
-            .args(["--listen", &addr]);
+        cmd.args(["controlplane", "--state"]).arg(state).args([
+            "--listen",
+            &addr,
+            "--admin",
+            "127.0.0.1:0",
+        ]);
         let mut proc = ChildGuard::spawn(name, cmd, dir);
         wait_for(
             "the control plane to listen",

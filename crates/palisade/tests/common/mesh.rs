@@ -32,6 +32,8 @@ pub struct Mesh {
     pub state: PathBuf,
     pub ca: String,
     pub xds: String,
+    /// The control plane's admin endpoint (`/metrics`).
+    pub admin: String,
     pub cp: ChildGuard,
 }
 
@@ -48,6 +50,11 @@ impl Mesh {
 
     /// As [`Mesh::start`], with extra environment variables for the control plane.
     pub async fn start_with_env(files: &[(&str, &str)], env: &[(&str, &str)]) -> Self {
+        Self::start_with(files, env, &[]).await
+    }
+
+    /// As [`Mesh::start`], with extra environment variables and arguments for the control plane.
+    pub async fn start_with(files: &[(&str, &str)], env: &[(&str, &str)], args: &[&str]) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("mesh");
@@ -65,13 +72,16 @@ impl Mesh {
                 "127.0.0.1:0",
                 "--xds-listen",
                 "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
                 "--config",
             ])
             .arg(&config)
+            .args(args)
             .envs(env.iter().copied());
         let mut cp = ChildGuard::spawn("controlplane", cmd, dir.path());
-        let (ca, xds) = wait_for(
-            "the control plane's CA and ADS ports",
+        let (ca, xds, admin) = wait_for(
+            "the control plane's CA, ADS and admin ports",
             Duration::from_secs(30),
             async || {
                 assert!(cp.running(), "control plane exited:\n{}", cp.stderr_text());
@@ -79,6 +89,7 @@ impl Mesh {
                 Some((
                     line_addr(&out, "CA listening on")?,
                     line_addr(&out, "ADS listening on")?,
+                    line_addr(&out, "admin listening on")?,
                 ))
             },
         )
@@ -89,6 +100,7 @@ impl Mesh {
             state,
             ca,
             xds,
+            admin,
             cp,
         }
     }
