@@ -59,6 +59,10 @@ enum Command {
     Echo(cmd::echo::Args),
     /// Show every workload of a mesh run by `palisade up`: readiness, certificate, config sync.
     Status(cmd::status::Args),
+    /// Transparent capture in this network namespace: iptables rules that redirect the
+    /// workload's TCP to its sidecar (what istio-iptables does), and their exact removal.
+    #[command(subcommand)]
+    Iptables(cmd::iptables::Command),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             Command::ExtAuthz(args) => cmd::ext_authz::run(args).await,
             Command::Echo(args) => cmd::echo::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
+            Command::Iptables(c) => cmd::iptables::run(c).await,
         }
     });
     palisade::cli::exit_code(result)

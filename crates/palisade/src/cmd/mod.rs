@@ -9,6 +9,7 @@ pub mod controlplane;
 pub mod describe;
 pub mod echo;
 pub mod ext_authz;
+pub mod iptables;
 pub mod proxy;
 pub mod proxy_config;
 pub mod sidecar;
