@@ -9,13 +9,14 @@
 //!   the nat table with `iptables-save`, and applying documents with `iptables-restore
 //!   --noflush` (and `ip6tables-restore`), each family in one atomic transaction, the families
 //!   rolled back together when one fails.
-//!
-//! The sidecar's side of capture (recovering a redirected connection's original destination)
-//! will live here too.
+//! - [`original_dst`]: the sidecar's side: where a redirected connection was going
+//!   (`SO_ORIGINAL_DST`), and the source address it dials its application from.
 
 pub mod iptables;
+pub mod original_dst;
 pub mod rules;
 
 pub use ipnet::IpNet;
 pub use iptables::{Backend, Error, Plan};
+pub use original_dst::{INBOUND_PASSTHROUGH_SOURCE, original_dst, redirected_destination};
 pub use rules::{CaptureOptions, Family, InboundPorts, OptionsError, PlanError, Snapshot};

@@ -108,6 +108,7 @@ fn services(snapshot: &MeshSnapshot) -> Vec<Service> {
             Service {
                 name: format!("{ns}/{}", se.metadata.name),
                 hosts: se.spec.hosts.clone(),
+                addresses: se.spec.addresses.clone(),
                 ports: se
                     .spec
                     .ports

@@ -37,7 +37,7 @@ pub use eval::{
     RequestContext, RequestError, TraceEntry, TraceStep, Verdict,
 };
 pub use load::load_dir;
-pub use mesh::MeshConfig;
+pub use mesh::{MeshConfig, OutboundTrafficMode};
 pub use normalize::{PathError, PathNormalization, normalize_path};
 pub use protocol::PortProtocol;
 pub use request::{RequestSpec, RequestSpecError};

@@ -38,6 +38,48 @@ pub struct MeshConfig {
     /// rules (Istio sets these with istiod's environment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_resolver: Option<JwksResolverConfig>,
+    /// What a sidecar in capture mode does with connections to destinations outside the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+/// `outboundTrafficPolicy` (Istio's MeshConfig field of that name).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    /// `ALLOW_ANY` (the default) or `REGISTRY_ONLY` (see [`OutboundTrafficMode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// `outboundTrafficPolicy.mode`: where a captured outbound connection may go when its original
+/// destination is neither a workload of the mesh nor a ServiceEntry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboundTrafficMode {
+    /// Passed through to its original destination as plain TCP, without policy (Istio's
+    /// default, its `PassthroughCluster`).
+    #[default]
+    AllowAny,
+    /// Refused (Istio's `BlackHoleCluster`): only destinations the mesh knows are reachable.
+    RegistryOnly,
+}
+
+impl OutboundTrafficMode {
+    /// Parses the MeshConfig value (Istio's enum names, exactly).
+    pub fn from_config(v: &str) -> Option<OutboundTrafficMode> {
+        match v {
+            "ALLOW_ANY" => Some(OutboundTrafficMode::AllowAny),
+            "REGISTRY_ONLY" => Some(OutboundTrafficMode::RegistryOnly),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundTrafficMode::AllowAny => "ALLOW_ANY",
+            OutboundTrafficMode::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
 }
 
 /// Default of `jwksResolver.refreshInterval` (istiod's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
@@ -110,6 +152,16 @@ pub struct GatewayTopology {
 }
 
 impl MeshConfig {
+    /// `outboundTrafficPolicy.mode`. Validation rejects other values, so an unknown one (only
+    /// from unvalidated input) falls back to Istio's default.
+    pub fn outbound_traffic_mode(&self) -> OutboundTrafficMode {
+        self.outbound_traffic_policy
+            .as_ref()
+            .and_then(|p| p.mode.as_deref())
+            .and_then(OutboundTrafficMode::from_config)
+            .unwrap_or_default()
+    }
+
     /// The configured minimum TLS version. Validation rejects other values, so an unknown one
     /// (only from unvalidated input) falls back to Istio's default.
     pub fn min_protocol_version(&self) -> MinProtocolVersion {
@@ -134,6 +186,7 @@ impl Default for MeshConfig {
             ca_token_issuers: Vec::new(),
             default_config: None,
             jwks_resolver: None,
+            outbound_traffic_policy: None,
         }
     }
 }
@@ -490,5 +543,29 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn outbound_traffic_mode_and_its_errors() {
+        let m = |y: &str| MeshConfig::from_yaml(y, "mesh.yaml").map(|m| m.outbound_traffic_mode());
+        #[rustfmt::skip]
+        let cases: [(&str, Result<OutboundTrafficMode, &str>); 6] = [
+            ("{}", Ok(OutboundTrafficMode::AllowAny)),
+            ("outboundTrafficPolicy: {}", Ok(OutboundTrafficMode::AllowAny)),
+            ("outboundTrafficPolicy: {mode: ALLOW_ANY}", Ok(OutboundTrafficMode::AllowAny)),
+            ("outboundTrafficPolicy: {mode: REGISTRY_ONLY}", Ok(OutboundTrafficMode::RegistryOnly)),
+            (
+                "outboundTrafficPolicy: {mode: registry_only}",
+                Err("mesh.yaml: MeshConfig: outboundTrafficPolicy.mode: \"registry_only\" is not an outbound traffic policy: expected ALLOW_ANY or REGISTRY_ONLY"),
+            ),
+            ("outboundTrafficPolicy: {mod: ALLOW_ANY}", Err("outboundTrafficPolicy.mod: unknown field")),
+        ];
+        for (yaml, want) in cases {
+            match (m(yaml), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{yaml}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{yaml}: {e}"),
+                (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

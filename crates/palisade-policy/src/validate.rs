@@ -1193,6 +1193,17 @@ pub(crate) fn validate_mesh(m: &MeshConfig, f: &mut Findings) {
             ),
         );
     }
+    if let Some(v) = m
+        .outbound_traffic_policy
+        .as_ref()
+        .and_then(|p| p.mode.as_deref())
+        && crate::mesh::OutboundTrafficMode::from_config(v).is_none()
+    {
+        f.error(
+            "outboundTrafficPolicy.mode",
+            format!("{v:?} is not an outbound traffic policy: expected ALLOW_ANY or REGISTRY_ONLY"),
+        );
+    }
     if let Some(n) = m
         .path_normalization
         .as_ref()

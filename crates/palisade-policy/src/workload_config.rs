@@ -67,6 +67,10 @@ pub struct Service {
     /// `namespace/name` of the ServiceEntry.
     pub name: String,
     pub hosts: Vec<String>,
+    /// The ServiceEntry's `addresses` (virtual IPs): a captured connection to one of them is
+    /// routed as a connection to the service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
     /// Keys of the destinations its `workloadSelector` selects (same namespace).

@@ -162,16 +162,32 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
+    // In capture mode every port comes through the capture listener, to the application at the
+    // workload's address (see `inbound::app_target`).
+    let capture = shared.options.capture;
     json!({
         "workload": cfg.workload,
         "version": cfg.version,
         "address": cfg.address.to_string(),
         "mtls": policy.mtls(),
         "inbound": cfg.inbound.iter().map(|p| json!({
-            "name": p.name, "port": p.port, "listen": p.listen.to_string(), "app": p.app.to_string(),
+            "name": p.name, "port": p.port,
+            "listen": match capture {
+                Some(c) => format!("capture port {}", c.inbound),
+                None => p.listen.to_string(),
+            },
+            "app": match capture {
+                Some(_) => std::net::SocketAddr::new(cfg.address, p.port).to_string(),
+                None => p.app.to_string(),
+            },
             "mode": policy.mtls().for_port(p.port).mode.as_str(),
-            "bound": bound.contains(&p.listen),
+            "bound": capture.is_some() || bound.contains(&p.listen),
         })).collect::<Vec<_>>(),
+        "capture": capture.map(|c| json!({
+            "inboundPort": c.inbound,
+            "outboundPort": c.outbound,
+            "outboundTrafficPolicy": cfg.outbound_mode.as_str(),
+        })),
         "authorizationPolicies": policies,
         "routes": cfg.route_keys(),
         // What the control plane pushed, with key material redacted.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_identity::{SpiffeId, TrustDomain};
 use palisade_policy::api::Resource;
-use palisade_policy::{CompiledPolicy, MeshSnapshot, PortProtocol};
+use palisade_policy::{CompiledPolicy, MeshSnapshot, OutboundTrafficMode, PortProtocol};
 
 use palisade_policy::workload_config::WorkloadConfig;
 
@@ -59,13 +59,17 @@ pub struct Upstream {
 #[derive(Debug)]
 pub struct Route {
     pub endpoints: Vec<Upstream>,
+    /// What the port declares (the workload port's name, or the ServiceEntry port's
+    /// `protocol`): a captured connection to a declared port is not sniffed.
+    pub protocol: PortProtocol,
     next: AtomicUsize,
 }
 
 impl Route {
-    fn new(endpoints: Vec<Upstream>) -> Self {
+    fn new(endpoints: Vec<Upstream>, protocol: PortProtocol) -> Self {
         Self {
             endpoints,
+            protocol,
             next: AtomicUsize::new(0),
         }
     }
@@ -98,8 +102,30 @@ pub struct ProxyConfig {
     pub jwt: crate::jwt::JwtAuthn,
     /// The CUSTOM authorizers of the mesh's extension providers.
     pub ext_authz: crate::ext_authz::ExtAuthz,
-    /// `(lowercase host, port)` to route; hosts are ServiceEntry hosts and workload addresses.
+    /// `(lowercase host, port)` to route; hosts are ServiceEntry hosts and addresses, and
+    /// workload addresses (IP addresses in their canonical text form).
     routes: HashMap<String, HashMap<u16, Route>>,
+    /// Workload address to its index in `wire.destinations`: a captured connection to any port
+    /// of a mesh workload is the mesh's (see [`ProxyConfig::captured_outbound`]).
+    workload_addrs: HashMap<IpAddr, usize>,
+    /// `outboundTrafficPolicy.mode` of the mesh.
+    pub outbound_mode: OutboundTrafficMode,
+}
+
+/// Where a captured outbound connection goes (see [`ProxyConfig::captured_outbound`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapturedOutbound {
+    /// A destination of the mesh: this endpoint, with auto mTLS; `protocol` is what the port
+    /// declares (HTTP is parsed as HTTP, TCP never sniffed; only `Unknown` is sniffed).
+    Mesh {
+        up: Upstream,
+        protocol: PortProtocol,
+    },
+    /// Outside the mesh, or a ServiceEntry without workloads: to the original destination as
+    /// plain TCP, without policy (Istio's `PassthroughCluster`).
+    Passthrough,
+    /// Outside the mesh under `REGISTRY_ONLY`: refused (Istio's `BlackHoleCluster`).
+    BlackHole,
 }
 
 impl ProxyConfig {
@@ -189,6 +215,13 @@ impl ProxyConfig {
             .collect::<Result<Vec<_>, _>>()?;
 
         let routes = build_routes(&wire, &trust_domain);
+        let workload_addrs = wire
+            .destinations
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((parse_ip(&d.address)?, i)))
+            .collect();
+        let outbound_mode = wire.mesh.outbound_traffic_mode();
         let (jwt, jwt_warnings) = crate::jwt::JwtAuthn::build(policy.jwt_rules());
         for w in &jwt_warnings {
             tracing::warn!(workload = %wire.workload, warning = %w, "RequestAuthentication");
@@ -208,18 +241,58 @@ impl ProxyConfig {
             jwt,
             ext_authz: crate::ext_authz::ExtAuthz::build(&wire_mesh),
             routes,
+            workload_addrs,
+            outbound_mode,
         })
+    }
+
+    /// Where a captured outbound connection whose original destination is `dst` goes: a
+    /// ServiceEntry address or workload address with a route for the port takes that route; any
+    /// other port of a mesh workload goes to that workload with auto mTLS (its sidecar serves
+    /// undeclared ports too); a ServiceEntry without workloads passes through, being
+    /// registered; anything else is outside the mesh and `outboundTrafficPolicy` decides.
+    pub fn captured_outbound(&self, dst: SocketAddr) -> CapturedOutbound {
+        let ip = palisade_capture::original_dst::canonical_ip(dst.ip());
+        if let Some(route) = self.route(&ip.to_string(), dst.port()) {
+            return match route.pick() {
+                Some(up) => CapturedOutbound::Mesh {
+                    up: up.clone(),
+                    protocol: route.protocol,
+                },
+                None => CapturedOutbound::Passthrough,
+            };
+        }
+        let workload = self
+            .workload_addrs
+            .get(&ip)
+            .and_then(|&i| self.wire.destinations.get(i))
+            .and_then(|d| upstream(d, dst.port(), &self.trust_domain));
+        if let Some(up) = workload {
+            // A port the workload does not declare: sniffed.
+            return CapturedOutbound::Mesh {
+                up,
+                protocol: PortProtocol::Unknown,
+            };
+        }
+        match self.outbound_mode {
+            OutboundTrafficMode::AllowAny => CapturedOutbound::Passthrough,
+            OutboundTrafficMode::RegistryOnly => CapturedOutbound::BlackHole,
+        }
     }
 
     /// The route for `host` (a ServiceEntry host or a workload IP, any case) and `port`.
     pub fn route(&self, host: &str, port: u16) -> Option<&Route> {
         let by_port = match self.routes.get(host) {
             Some(r) => r,
-            // Hosts are stored lowercase; only mixed-case requests pay for lowercasing.
-            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
-                self.routes.get(&host.to_ascii_lowercase())?
+            // Hosts are stored lowercase, addresses canonical; only requests that spell them
+            // otherwise pay for the conversion.
+            None => {
+                let key = host_key(host);
+                if key == host {
+                    return None;
+                }
+                self.routes.get(&key)?
             }
-            None => return None,
         };
         by_port.get(&port)
     }
@@ -255,6 +328,26 @@ fn declared_protocol(wire: &WorkloadConfig, name: &str, port: u16) -> PortProtoc
     from_service.unwrap_or_else(|| PortProtocol::from_port_name(name))
 }
 
+/// An IP address in config text (a bare address or a single-address CIDR), canonical.
+fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text
+        .strip_suffix("/32")
+        .or_else(|| text.strip_suffix("/128"))
+        .unwrap_or(text);
+    text.parse()
+        .ok()
+        .map(palisade_capture::original_dst::canonical_ip)
+}
+
+/// The routing key of a host: IP addresses in canonical text (what a captured connection's
+/// address prints as), names lowercase.
+fn host_key(host: &str) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => palisade_capture::original_dst::canonical_ip(ip).to_string(),
+        Err(_) => host.to_ascii_lowercase(),
+    }
+}
+
 fn upstream(
     d: &palisade_policy::workload_config::Destination,
     port: u16,
@@ -282,15 +375,16 @@ fn build_routes(wire: &WorkloadConfig, td: &TrustDomain) -> HashMap<String, Hash
         .collect();
     // Workload addresses: every declared port.
     for d in &wire.destinations {
-        for &port in d.ports.values() {
+        for (name, &port) in &d.ports {
             let Ok(port) = u16::try_from(port) else {
                 continue;
             };
             if let Some(u) = upstream(d, port, td) {
+                let protocol = PortProtocol::from_port_name(name);
                 routes
-                    .entry(d.address.to_ascii_lowercase())
+                    .entry(host_key(&d.address))
                     .or_default()
-                    .insert(port, Route::new(vec![u]));
+                    .insert(port, Route::new(vec![u], protocol));
             }
         }
     }
@@ -309,13 +403,139 @@ fn build_routes(wire: &WorkloadConfig, td: &TrustDomain) -> HashMap<String, Hash
                 .filter_map(|k| by_key.get(k.as_str()))
                 .filter_map(|d| upstream(d, target, td))
                 .collect();
-            for h in &s.hosts {
+            let protocol = PortProtocol::parse(&p.protocol).unwrap_or(PortProtocol::Unknown);
+            // Hosts by name (explicit clients), addresses (captured connections to the VIP).
+            let addresses = s.addresses.iter().filter_map(|a| parse_ip(a));
+            let keys = s
+                .hosts
+                .iter()
+                .map(|h| host_key(h))
+                .chain(addresses.map(|ip| ip.to_string()));
+            for key in keys {
                 routes
-                    .entry(h.to_ascii_lowercase())
+                    .entry(key)
                     .or_default()
-                    .insert(number, Route::new(endpoints.clone()));
+                    .insert(number, Route::new(endpoints.clone(), protocol));
             }
         }
     }
     routes
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// `apps/client`, with two peers (one with a sidecar, one without, one port DISABLE) and two
+    /// ServiceEntries (one with a VIP over the server, one external with no workloads).
+    fn config(mode: Option<&str>) -> ProxyConfig {
+        let mut mesh = serde_json::json!({"trustDomain": "cluster.local"});
+        if let Some(m) = mode {
+            mesh["outboundTrafficPolicy"] = serde_json::json!({"mode": m});
+        }
+        let doc = serde_json::json!({
+            "workload": "apps/client",
+            "mesh": mesh,
+            "workloadEntry": {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                "metadata": {"name": "client", "namespace": "apps"},
+                "spec": {"address": "10.0.0.2", "serviceAccount": "client"}},
+            "destinations": [
+                {"key": "apps/server", "namespace": "apps", "address": "10.0.0.3",
+                 "serviceAccount": "server", "ports": {"http": 8080, "tcp-legacy": 8081},
+                 "sidecar": true, "plaintextPorts": [8081]},
+                {"key": "apps/bare", "namespace": "apps", "address": "2001:db8::4",
+                 "serviceAccount": "bare", "ports": {"http": 80}, "sidecar": false},
+            ],
+            "services": [
+                {"name": "apps/server", "hosts": ["server.apps.svc"], "addresses": ["240.240.0.3"],
+                 "ports": [{"number": 80, "targetPort": 8080, "protocol": "HTTP"},
+                           {"number": 9000, "targetPort": 8081}], "endpoints": ["apps/server"]},
+                {"name": "apps/external", "hosts": ["api.example.com"], "addresses": ["192.0.2.50/32"],
+                 "ports": [{"number": 443}]},
+            ],
+        });
+        let wire: WorkloadConfig = serde_json::from_value(doc).unwrap();
+        ProxyConfig::build("1".into(), wire, "apps/client", &BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn captured_destinations_by_address_and_the_passthrough_policy() {
+        use PortProtocol::{Http, Tcp, Unknown};
+        let id = Some("spiffe://cluster.local/ns/apps/sa/server");
+        let mesh = |addr: &str, id: Option<&str>, protocol: PortProtocol| {
+            let key = if addr.contains("2001") {
+                "apps/bare"
+            } else {
+                "apps/server"
+            };
+            Some(CapturedOutbound::Mesh {
+                up: Upstream {
+                    key: key.into(),
+                    addr: addr.parse().unwrap(),
+                    mtls: id.map(|i| SpiffeId::parse(i).unwrap()),
+                },
+                protocol,
+            })
+        };
+        // `None`: outside the mesh, the policy decides (passthrough, or refused).
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Option<CapturedOutbound>)> = vec![
+            // A workload address on a declared port: its route, mTLS with its identity.
+            ("10.0.0.3:8080", mesh("10.0.0.3:8080", id, Http)),
+            // A TCP port the workload declares DISABLE: auto mTLS sends plaintext.
+            ("10.0.0.3:8081", mesh("10.0.0.3:8081", None, Tcp)),
+            // A port it does not declare: still the mesh's (its sidecar serves it), sniffed.
+            ("10.0.0.3:9999", mesh("10.0.0.3:9999", id, Unknown)),
+            // The same workload seen through an IPv4-mapped address.
+            ("[::ffff:10.0.0.3]:8080", mesh("10.0.0.3:8080", id, Http)),
+            // A ServiceEntry VIP: service port to target port, the service port's protocol.
+            ("240.240.0.3:80", mesh("10.0.0.3:8080", id, Http)),
+            ("240.240.0.3:9000", mesh("10.0.0.3:8081", None, Unknown)),
+            // A workload without a sidecar (IPv6): plaintext, but the mesh's.
+            ("[2001:db8::4]:80", mesh("[2001:db8::4]:80", None, Http)),
+            // A registered external service without workloads: passed through in both modes.
+            ("192.0.2.50:443", Some(CapturedOutbound::Passthrough)),
+            // Its VIP on a port it does not declare, and anything unknown.
+            ("240.240.0.3:81", None),
+            ("192.0.2.50:80", None),
+            ("198.51.100.7:443", None),
+            ("[2001:db8::99]:443", None),
+        ];
+        for (mode, outside) in [
+            (None, CapturedOutbound::Passthrough),
+            (Some("ALLOW_ANY"), CapturedOutbound::Passthrough),
+            (Some("REGISTRY_ONLY"), CapturedOutbound::BlackHole),
+        ] {
+            let cfg = config(mode);
+            for (dst, want) in &cases {
+                let want = want.clone().unwrap_or_else(|| outside.clone());
+                let got = cfg.captured_outbound(dst.parse().unwrap());
+                assert_eq!(got, want, "{dst} under {mode:?}");
+            }
+        }
+        assert_eq!(
+            config(Some("REGISTRY_ONLY")).outbound_mode,
+            OutboundTrafficMode::RegistryOnly
+        );
+    }
+
+    /// Explicit clients name workloads by address too: the canonical form is what is stored,
+    /// and names stay case-insensitive.
+    #[test]
+    fn routes_by_name_and_by_canonical_address() {
+        let cfg = config(None);
+        for (host, port, found) in [
+            ("10.0.0.3", 8080, true),
+            ("SERVER.apps.svc", 80, true),
+            ("240.240.0.3", 80, true),
+            ("2001:db8::4", 80, true),
+            ("2001:DB8:0::4", 80, true),
+            ("10.0.0.3", 9999, false),
+            ("api.example.com", 443, true),
+        ] {
+            assert_eq!(cfg.route(host, port).is_some(), found, "{host}:{port}");
+        }
+    }
 }

@@ -45,6 +45,9 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// The `x-forwarded-client-cert` value for this peer (mTLS only).
     pub xfcc: Option<HeaderValue>,
+    /// Redirected by iptables to the inbound capture port: the application listens on `port`
+    /// of `local_ip` itself (see [`app_target`]).
+    pub captured: bool,
 }
 
 impl ConnInfo {
@@ -118,6 +121,31 @@ fn mode_name(m: MtlsMode) -> &'static str {
 }
 
 async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: u16) {
+    handle_conn(shared, tcp, source, port, None).await;
+}
+
+/// A connection redirected to the inbound capture port, `dst` its original destination: served
+/// as the workload's port `dst.port()` (its mTLS mode, declared protocol and policies; a port
+/// the workload does not declare is sniffed, under the workload-wide mode), then to the
+/// application at `dst` (see [`app_target`]).
+pub(crate) async fn handle_captured(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    dst: SocketAddr,
+) {
+    handle_conn(shared, tcp, source, dst.port(), Some(dst.ip())).await;
+}
+
+/// `captured_ip`: the original destination's address, for a captured connection (the socket's
+/// own local address is where iptables redirected it).
+async fn handle_conn(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    port: u16,
+    captured_ip: Option<IpAddr>,
+) {
     let Some(cfg) = shared.config.load_full() else {
         return;
     };
@@ -125,7 +153,8 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
     let declared = cfg
         .inbound_port(port)
         .map_or(PortProtocol::Unknown, |p| p.protocol);
-    let local_ip = tcp.local_addr().map_or(cfg.address, |a| a.ip());
+    let local_ip = captured_ip.unwrap_or_else(|| tcp.local_addr().map_or(cfg.address, |a| a.ip()));
+    let captured = captured_ip.is_some();
     drop(cfg);
     let limits = shared.options.limits;
     let plain_info = || ConnInfo {
@@ -135,6 +164,7 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         principal: None,
         sni: None,
         xfcc: None,
+        captured,
     };
     let tls = match mode {
         MtlsMode::Disable => false,
@@ -218,6 +248,7 @@ async fn handle(shared: &Arc<Shared>, tcp: TcpStream, source: SocketAddr, port: 
         principal: peer_id.as_ref().map(palisade_identity::SpiffeId::principal),
         sni: session.server_name().map(str::to_owned),
         xfcc,
+        captured,
     });
     serve_declared(shared, info, stream, declared, alpn).await;
 }
@@ -379,7 +410,7 @@ async fn authorize_and_forward(
     let Some(cfg) = shared.config.load_full() else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
     };
-    let Some(port) = cfg.inbound_port(info.port) else {
+    let Some((app, protocol)) = app_target(&cfg, info) else {
         return text_response(StatusCode::NOT_FOUND, "no such port\n");
     };
     if req.version() <= http::Version::HTTP_11
@@ -433,7 +464,6 @@ async fn authorize_and_forward(
         };
         *req.uri_mut() = target;
     }
-    let app = port.app;
     if let Some((tunnel, downstream)) = tunnel {
         drop(cfg);
         let side = Downstream {
@@ -443,7 +473,7 @@ async fn authorize_and_forward(
         };
         return Box::pin(tunnel_to_app(shared, info.port, &gate, side, app, req)).await;
     }
-    if matches!(port.protocol, PortProtocol::Grpc | PortProtocol::Http2) {
+    if matches!(protocol, PortProtocol::Grpc | PortProtocol::Http2) {
         drop(cfg);
         let answer = Box::pin(shared.app_h2_pool().send(app, req)).await;
         return from_app(&gate, info.port, answer, Body::Upstream);
@@ -474,7 +504,7 @@ async fn tunnel_to_app(
     mut req: Request<RequestBody>,
 ) -> Response<Body> {
     *req.version_mut() = http::Version::HTTP_11;
-    let answer = match crate::app::connect(app).await {
+    let answer = match crate::app::connect(app, shared.app_source()).await {
         Ok(tcp) => crate::upgrade::send(TokioIo::new(tcp), req).await,
         Err(e) => Err(TunnelError::Dial(e.into())),
     };
@@ -532,11 +562,11 @@ where
     if tcp_decision(shared, &cfg, &info, &mut custom).await != Outcome::Allow {
         return;
     }
-    let Some(app) = cfg.inbound_port(info.port).map(|p| p.app) else {
+    let Some((app, _)) = app_target(&cfg, &info) else {
         return;
     };
     drop(cfg);
-    let mut upstream = match TcpStream::connect(app).await {
+    let mut upstream = match crate::app::dial(app, shared.app_source()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(port = info.port, %app, error = %e, "application unreachable");
@@ -566,6 +596,21 @@ where
             }
         }
     }
+}
+
+/// The application's address for a connection, and what its port declares. Explicit listeners:
+/// the port's configured application port on 127.0.0.1. Captured connections: the original
+/// destination itself (the workload's address, the port the client dialed), declared or not.
+/// That is Istio's behaviour since 1.10: dialed from 127.0.0.6 it travels over `lo` and reaches
+/// an application bound to the workload's address or to every address, never one bound to
+/// 127.0.0.1 only (a local admin port, the sidecar's own), which other workloads must not reach.
+pub fn app_target(cfg: &crate::ProxyConfig, info: &ConnInfo) -> Option<(SocketAddr, PortProtocol)> {
+    let declared = cfg.inbound_port(info.port);
+    if info.captured {
+        let app = SocketAddr::new(info.local_ip, info.port);
+        return Some((app, declared.map_or(PortProtocol::Unknown, |p| p.protocol)));
+    }
+    declared.map(|p| (p.app, p.protocol))
 }
 
 /// CUSTOM first (Envoy's network ext_authz, see `ext_authz::network`), then DENY/ALLOW.

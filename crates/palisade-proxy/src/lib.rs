@@ -18,6 +18,11 @@
 //!   mutual TLS to destinations with a sidecar, the server's SPIFFE ID checked against the
 //!   destination's service account; plaintext otherwise. Connections are pooled and HTTP/2 is
 //!   multiplexed between sidecars.
+//! - Capture ([`capture`], `--capture`): instead of the listeners above, the two ports iptables
+//!   redirects the workload's TCP to (`palisade iptables install`). Inbound is served as the
+//!   original destination's port and forwarded to the application at that destination over
+//!   `lo`, from 127.0.0.6; outbound goes to the original destination: mTLS to a mesh workload, else
+//!   as the mesh's `outboundTrafficPolicy` says (passthrough, or refused).
 //! - Certificates ([`certs`], [`sds`]): from the agent over SDS, or in process
 //!   (`palisade sidecar`); rotation applies to new handshakes without restart.
 //! - Config ([`ads`], [`config`]): the control plane pushes `palisade.config.v1.WorkloadConfig`
@@ -34,6 +39,7 @@ pub mod ads;
 pub mod app;
 pub mod authz;
 pub mod body;
+pub mod capture;
 pub mod certs;
 pub mod config;
 pub mod ext_authz;
@@ -100,6 +106,9 @@ pub struct ProxyOptions {
     pub concurrency: usize,
     /// Header cap, timeouts and connection cap of every listener.
     pub limits: limits::Limits,
+    /// Capture mode: the ports iptables redirects to. The per-port inbound listeners are not
+    /// opened then (the application listens on its ports itself).
+    pub capture: Option<capture::CapturePorts>,
 }
 
 /// Starting the proxy failed.
@@ -176,6 +185,12 @@ impl Shared {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(authority)
+    }
+
+    /// The address the proxy dials its application from: 127.0.0.6 in capture mode (see
+    /// [`app::dial`]), any otherwise.
+    pub fn app_source(&self) -> Option<std::net::IpAddr> {
+        capture::app_source(self.options.capture)
     }
 
     /// Records what a new connection to `authority` negotiated.
@@ -282,6 +297,11 @@ impl Proxy {
         };
         let workers = workers::Workers::start(count).map_err(ProxyError::Workers)?;
 
+        let app_source = capture::app_source(options.capture);
+        let capture_listeners = match options.capture {
+            Some(ports) => Some(capture::bind(ports)?),
+            None => None,
+        };
         let metrics = metrics::Metrics::default();
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
@@ -297,10 +317,10 @@ impl Proxy {
             rbac_log: authz::RbacLog::default(),
             ready: AtomicBool::new(false),
             app_pools: (0..workers.len())
-                .map(|_| app::AppPool::default())
+                .map(|_| app::AppPool::from_source(app_source))
                 .collect(),
             app_h2_pools: (0..workers.len())
-                .map(|_| app::h2::H2Pool::default())
+                .map(|_| app::h2::H2Pool::from_source(app_source))
                 .collect(),
             mesh_pools: (0..workers.len())
                 .map(|_| outbound::MeshPools::new(weak.clone()))
@@ -337,6 +357,11 @@ impl Proxy {
                 }),
             )?);
         }
+        let mut capture_addrs = Vec::new();
+        if let Some(listeners) = capture_listeners {
+            capture_addrs = listeners.addrs();
+            tasks.extend(capture::serve(&shared, listeners)?);
+        }
         tasks.push(tokio::spawn(watch_certs(Arc::clone(&shared), certs)));
         tasks.push(tokio::spawn(ads::run(Arc::clone(&shared))));
         tasks.push(tokio::spawn(reconcile_listeners(
@@ -344,6 +369,7 @@ impl Proxy {
             admin_addr,
             outbound_addr,
             tcp_addrs.clone(),
+            capture_addrs,
         )));
         tracing::info!(workload = %options.workload, admin = %admin_addr, outbound = %outbound_addr, "proxy starting");
         Ok(Self {
@@ -419,13 +445,18 @@ async fn reconcile_listeners(
     admin: SocketAddr,
     outbound: SocketAddr,
     tcp: Vec<SocketAddr>,
+    capture: Vec<SocketAddr>,
 ) {
     let mut generation = shared.config_gen.subscribe();
     let mut running: HashMap<SocketAddr, (u16, Vec<JoinHandle<()>>)> = HashMap::new();
     loop {
         if let Some(cfg) = shared.config.load_full() {
-            let wanted: HashMap<SocketAddr, u16> =
-                cfg.inbound.iter().map(|p| (p.listen, p.port)).collect();
+            // In capture mode the application holds its ports; inbound comes through capture.
+            let wanted: HashMap<SocketAddr, u16> = if shared.options.capture.is_some() {
+                HashMap::new()
+            } else {
+                cfg.inbound.iter().map(|p| (p.listen, p.port)).collect()
+            };
             running.retain(|addr, (port, tasks)| {
                 let keep = wanted.get(addr) == Some(port);
                 if !keep {
@@ -469,6 +500,7 @@ async fn reconcile_listeners(
                         "outbound": outbound.to_string(),
                         "tcp": tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "inbound": running.keys().map(ToString::to_string).collect::<Vec<_>>(),
+                        "capture": capture.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     });
                     let tmp = path.with_extension("tmp");
                     let written = std::fs::write(&tmp, doc.to_string())

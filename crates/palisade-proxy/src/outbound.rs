@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -170,16 +171,12 @@ impl tower::Service<Uri> for MeshConnector {
                 .config
                 .load_full()
                 .ok_or_else(|| std::io::Error::other("no config yet"))?;
-            let up = cfg
-                .route(host, port)
-                .and_then(|r| r.pick())
-                .cloned()
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("no route to {authority}"),
-                    )
-                })?;
+            let up = mesh_target(&cfg, host, port).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no route to {authority}"),
+                )
+            })?;
             drop(cfg);
             let conn = connect(&shared, &up, Carries::Http).await?;
             let h2 = matches!(conn, MeshConn::Tls { h2: true, .. });
@@ -215,42 +212,78 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener, cap: Connect
         let _ = tcp.set_nodelay(true);
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let svc_shared = Arc::clone(&shared);
-            let service = hyper::service::service_fn(move |req| {
-                let shared = Arc::clone(&svc_shared);
-                async move { Ok::<_, Infallible>(request(&shared, req, unguard::<AppConn>).await) }
-            });
             let limits = shared.options.limits;
             // HTTP/2 with prior knowledge or HTTP/1.1, as the application speaks.
             let tcp = Idle::new(tcp, limits.idle_timeout);
-            let Some((protocol, stream)) =
+            if let Some((protocol, stream)) =
                 crate::sniff::detect_http(tcp, limits.header_read_timeout).await
-            else {
-                return;
-            };
-            let io = TokioIo::new(stream);
-            let result = if protocol == crate::sniff::Protocol::Http2 {
-                limits.http2_server().serve_connection(io, service).await
-            } else {
-                // Requests from the application are framed as strictly as the mesh's.
-                let guarded =
-                    crate::framing::FramingGuard::new(io.into_inner(), limits.h1_max_header_size());
-                limits
-                    .http1_server()
-                    .serve_connection(TokioIo::new(guarded), service)
-                    .with_upgrades()
-                    .await
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+            {
+                serve_app_http(shared, stream, protocol, Target::Proxy).await;
             }
             drop(permit);
         });
     }
 }
 
+/// Where the application's requests on one connection go.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// The outbound proxy listener: each request names its destination (absolute URI or Host).
+    Proxy,
+    /// A captured connection to a mesh destination: every request goes to its original
+    /// destination, whatever its Host says (the destination's sidecar authorizes that Host).
+    Captured(SocketAddr),
+    /// A captured connection nothing may receive (`REGISTRY_ONLY`): 502, as Envoy's
+    /// `BlackHoleCluster` answers.
+    BlackHole,
+}
+
+/// Serves the application's HTTP (HTTP/1.1 framed as strictly as the mesh's, or HTTP/2) on one
+/// connection, sending its requests to `target`.
+pub(crate) async fn serve_app_http(
+    shared: Arc<Shared>,
+    stream: AppConn,
+    protocol: crate::sniff::Protocol,
+    target: Target,
+) {
+    let svc_shared = Arc::clone(&shared);
+    let service = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&svc_shared);
+        let target = target.clone();
+        async move {
+            let resp = match target {
+                Target::Proxy => request(&shared, req, unguard::<AppConn>).await,
+                Target::Captured(dst) => {
+                    captured_request(&shared, req, unguard::<AppConn>, dst).await
+                }
+                Target::BlackHole => {
+                    text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n")
+                }
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let limits = shared.options.limits;
+    let io = TokioIo::new(stream);
+    let result = if protocol == crate::sniff::Protocol::Http2 {
+        limits.http2_server().serve_connection(io, service).await
+    } else {
+        // Requests from the application are framed as strictly as the mesh's.
+        let guarded =
+            crate::framing::FramingGuard::new(io.into_inner(), limits.h1_max_header_size());
+        limits
+            .http1_server()
+            .serve_connection(TokioIo::new(guarded), service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+    }
+}
+
 /// The application's connection to the outbound listener, as its HTTP server reads it.
-type AppConn = crate::sniff::Rewind<Idle<TcpStream>>;
+pub(crate) type AppConn = crate::sniff::Rewind<Idle<TcpStream>>;
 
 async fn request(shared: &Shared, mut req: Request<Incoming>, unwrap: Unwrap) -> Response<Body> {
     // Taken first: the application's side of a tunnel, should the destination accept it.
@@ -287,6 +320,44 @@ async fn request(shared: &Shared, mut req: Request<Incoming>, unwrap: Unwrap) ->
     if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
         req.headers_mut().insert(HOST, v);
     }
+    forward(shared, req, tunnel, unwrap, authority).await
+}
+
+/// A request of a captured connection to a mesh destination: to `dst`, its original
+/// destination. The Host header stays as the application wrote it (a name the destination's
+/// policy may match on); only a request without one (nor an `:authority`) gets the address.
+async fn captured_request(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    unwrap: Unwrap,
+    dst: SocketAddr,
+) -> Response<Body> {
+    let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
+    let Ok(authority) = http::uri::Authority::try_from(dst.to_string()) else {
+        return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
+    };
+    // HTTP/2 carries the name in `:authority`.
+    let host = req
+        .uri()
+        .authority()
+        .map_or(authority.as_str(), |a| a.as_str());
+    if !req.headers().contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        req.headers_mut().insert(HOST, v);
+    }
+    forward(shared, req, tunnel, unwrap, authority).await
+}
+
+/// Sends a routed request to `authority` through the pools (or, a tunnel, on a connection of
+/// its own).
+async fn forward(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    tunnel: Option<(Tunnel, OnUpgrade)>,
+    unwrap: Unwrap,
+    authority: http::uri::Authority,
+) -> Response<Body> {
     strip_hop_by_hop(req.headers_mut());
     if let Some((tunnel, on_upgrade)) = tunnel {
         tunnel.restore_headers(req.headers_mut());
@@ -336,7 +407,7 @@ async fn tunnel_to_mesh(
 ) -> Response<Body> {
     let target = split_host_port(authority.as_str(), 80).and_then(|(host, port)| {
         let cfg = shared.config.load_full()?;
-        cfg.route(host, port).and_then(|r| r.pick()).cloned()
+        mesh_target(&cfg, host, port)
     });
     let Some(up) = target else {
         return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
@@ -378,6 +449,20 @@ async fn tunnel_to_mesh(
                 "upstream connect error or disconnect/reset before headers\n",
             )
         }
+    }
+}
+
+/// The endpoint for `host:port`: its route, else (an IP address) the mesh workload that has it
+/// (what a captured connection's destination may be, see
+/// [`crate::config::ProxyConfig::captured_outbound`]).
+fn mesh_target(cfg: &crate::ProxyConfig, host: &str, port: u16) -> Option<Upstream> {
+    if let Some(up) = cfg.route(host, port).and_then(|r| r.pick()) {
+        return Some(up.clone());
+    }
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    match cfg.captured_outbound(SocketAddr::new(ip, port)) {
+        crate::config::CapturedOutbound::Mesh { up, .. } => Some(up),
+        _ => None,
     }
 }
 
@@ -450,26 +535,30 @@ pub async fn serve_tcp(
                 tracing::info!(host = %up.host, port = up.port, "outbound TCP: no route");
                 return;
             };
-            let conn = match connect(&shared, &target, Carries::Tcp).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::info!(upstream = %target.addr, error = %e, "outbound TCP connect failed");
-                    return;
-                }
-            };
-            let result = match conn {
-                MeshConn::Plain(io) => {
-                    tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await
-                }
-                MeshConn::Tls { io, .. } => {
-                    tokio::io::copy_bidirectional(&mut app, &mut io.into_inner()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "outbound TCP connection ended with an error");
-            }
+            splice_to(&shared, &mut app, &target).await;
             drop(permit);
         });
+    }
+}
+
+/// Opaque TCP from the application to a mesh upstream (auto mTLS), until either side ends.
+pub(crate) async fn splice_to<S>(shared: &Shared, app: &mut S, target: &Upstream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let conn = match connect(shared, target, Carries::Tcp).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(upstream = %target.addr, error = %e, "outbound TCP connect failed");
+            return;
+        }
+    };
+    let result = match conn {
+        MeshConn::Plain(io) => tokio::io::copy_bidirectional(app, &mut io.into_inner()).await,
+        MeshConn::Tls { io, .. } => tokio::io::copy_bidirectional(app, &mut io.into_inner()).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "outbound TCP connection ended with an error");
     }
 }
 

@@ -12,7 +12,6 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use crate::ext_authz::body::RequestBody;
 
@@ -44,9 +43,19 @@ pub enum H2Error {
 #[derive(Debug, Default)]
 pub struct H2Pool {
     conns: Mutex<HashMap<SocketAddr, SendRequest<RequestBody>>>,
+    /// The address connections are dialed from (see [`super::dial`]).
+    source: Option<std::net::IpAddr>,
 }
 
 impl H2Pool {
+    /// A pool whose connections come from `source` (any local address when `None`).
+    pub fn from_source(source: Option<std::net::IpAddr>) -> Self {
+        Self {
+            conns: Mutex::default(),
+            source,
+        }
+    }
+
     /// Sends `req` (origin form, `Host` naming the service) to the application at `addr`.
     pub async fn send(
         &self,
@@ -89,7 +98,7 @@ impl H2Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<RequestBody>, H2Error> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, super::dial(addr, self.source))
             .await
             .map_err(|_| H2Error::ConnectTimeout(addr))?
             .map_err(|cause| H2Error::Connect { addr, cause })?;

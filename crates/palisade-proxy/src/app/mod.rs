@@ -18,7 +18,7 @@ pub mod h2;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,8 @@ struct Idle {
 #[derive(Debug, Default, Clone)]
 pub struct AppPool {
     inner: PoolRef,
+    /// The address connections are dialed from (capture mode: 127.0.0.6, see [`dial`]).
+    source: Option<IpAddr>,
 }
 
 /// The pool as a response body holds it, to give its connection back.
@@ -134,6 +136,14 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 impl AppPool {
+    /// A pool whose connections come from `source` (any local address when `None`).
+    pub fn from_source(source: Option<IpAddr>) -> Self {
+        Self {
+            inner: PoolRef::default(),
+            source,
+        }
+    }
+
     /// Sends `req` (origin-form URI, `Host` set) to the application at `addr` and returns the
     /// response once its head is in; the body streams from the connection.
     pub async fn send<B>(
@@ -157,7 +167,7 @@ impl AppPool {
         h1::encode_head(&parts.method, path, &parts.headers, framing, &mut head);
         let (stream, reused) = match self.inner.checkout(addr) {
             Some(s) => (s, true),
-            None => (connect(addr).await?, false),
+            None => (connect(addr, self.source).await?, false),
         };
         let exchange = Exchange {
             addr,
@@ -182,7 +192,9 @@ impl AppPool {
                 nothing_back: true,
             }) if reused && parts.method.is_idempotent() => {
                 tracing::debug!(%addr, %error, "pooled application connection closed; retrying");
-                exchange.run(connect(addr).await?, &mut body).await
+                exchange
+                    .run(connect(addr, self.source).await?, &mut body)
+                    .await
             }
             first => first,
         };
@@ -496,13 +508,38 @@ async fn read_head<R: AsyncRead + Unpin>(
 }
 
 /// Dials the application.
-pub(crate) async fn connect(addr: SocketAddr) -> Result<TcpStream, AppError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, AppError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, dial(addr, source))
         .await
         .map_err(|_| AppError::ConnectTimeout(addr))?
         .map_err(|cause| AppError::Connect { addr, cause })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
+}
+
+/// A TCP connection to `addr` from `source` (port chosen by the kernel). In capture mode the
+/// sidecar dials its application from 127.0.0.6 (`::6` for IPv6, which must be on `lo`), as
+/// Istio does: the nat table's OUTPUT rules let that source through over `lo` instead of
+/// capturing the connection again, and the application sees a loopback peer.
+pub async fn dial(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let source = match (source, addr) {
+        (IpAddr::V4(_), SocketAddr::V6(_)) => {
+            IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+        }
+        _ => source,
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 #[cfg(test)]

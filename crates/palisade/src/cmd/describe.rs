@@ -111,6 +111,14 @@ async fn live(args: &WorkloadArgs, admin: &str) -> anyhow::Result<ExitCode> {
     println!("ready:          {}", if ready { "yes" } else { "NO" });
     println!("address:        {}", s(&dump["address"]));
     println!("config version: {}", s(&dump["version"]));
+    if let Some(c) = dump["capture"].as_object() {
+        println!(
+            "capture:        inbound port {}, outbound port {}, outboundTrafficPolicy {}",
+            s(&c["inboundPort"]),
+            s(&c["outboundPort"]),
+            s(&c["outboundTrafficPolicy"])
+        );
+    }
     println!("\nmTLS per port:");
     for p in dump["inbound"].as_array().into_iter().flatten() {
         println!(

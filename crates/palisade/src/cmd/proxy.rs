@@ -3,7 +3,9 @@
 //!
 //! The application's port: `--app-port PORT=APPPORT` (repeatable), else the WorkloadEntry
 //! annotation `palisade.dev/app-port-<PORT>: "<APPPORT>"`, else the same port; the application
-//! listens on 127.0.0.1.
+//! listens on 127.0.0.1. With `--capture` the application listens on its own ports (on the
+//! workload's address or every address) and the proxy takes what iptables redirects to it (see
+//! `palisade_proxy::capture`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,9 +26,23 @@ pub struct ProxyArgs {
     /// Admin endpoint (/stats, /config_dump, /certs, /logging, /ready). Port 0 picks one.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
-    /// The application's outbound HTTP proxy listener. Port 0 picks one.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
-    pub outbound: SocketAddr,
+    /// The application's outbound HTTP proxy listener. Port 0 picks one. Default
+    /// 127.0.0.1:15001; with --capture, a free loopback port (15001 is the capture port).
+    #[arg(long, value_name = "ADDR")]
+    pub outbound: Option<SocketAddr>,
+    /// Transparent capture (after `palisade iptables install` in the workload's network
+    /// namespace): accept the redirected connections on the capture ports instead of opening a
+    /// listener per workload port; the application listens on its own ports (no --app-port),
+    /// and its outbound connections go to their original destinations. Run the sidecar as the
+    /// uid or gid the rules exempt (1337 by default).
+    #[arg(long)]
+    pub capture: bool,
+    /// Where iptables redirects inbound connections (with --capture).
+    #[arg(long, value_name = "PORT", default_value_t = palisade_proxy::capture::CapturePorts::default().inbound, requires = "capture")]
+    pub capture_inbound_port: u16,
+    /// Where iptables redirects outbound connections (with --capture).
+    #[arg(long, value_name = "PORT", default_value_t = palisade_proxy::capture::CapturePorts::default().outbound, requires = "capture")]
+    pub capture_outbound_port: u16,
     /// Application port for a workload port: PORT=APPPORT (repeatable).
     #[arg(long = "app-port", value_name = "PORT=APPPORT", value_parser = parse_app_port)]
     pub app_ports: Vec<(u16, u16)>,
@@ -102,7 +118,10 @@ impl ProxyArgs {
             workload: self.workload.clone(),
             control_plane,
             admin: self.admin,
-            outbound: self.outbound,
+            outbound: self.outbound.unwrap_or_else(|| {
+                let port = if self.capture { 0 } else { 15001 };
+                SocketAddr::from(([127, 0, 0, 1], port))
+            }),
             app_ports: self.app_ports.iter().copied().collect::<BTreeMap<_, _>>(),
             tcp_upstreams: self.tcp_upstreams.clone(),
             ready_file: self.ready_file.clone(),
@@ -113,6 +132,12 @@ impl ProxyArgs {
                 idle_timeout: self.idle_timeout,
                 max_connections: self.max_connections as usize,
             },
+            capture: self
+                .capture
+                .then_some(palisade_proxy::capture::CapturePorts {
+                    inbound: self.capture_inbound_port,
+                    outbound: self.capture_outbound_port,
+                }),
         }
     }
 }
