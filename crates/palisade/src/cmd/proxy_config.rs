@@ -1,11 +1,38 @@
-//! `palisade proxy-config`: what a running agent or proxy holds, read from its admin endpoint.
+//! `palisade proxy-config`: what a running agent or proxy holds, read from its admin endpoint;
+//! and what the control plane would configure an Envoy sidecar with, computed offline.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Certificates served over SDS, as `istioctl proxy-config secret` shows them.
     Secret(SecretArgs),
+    /// The listeners and clusters istiod would generate for an Envoy sidecar of workload
+    /// NS/NAME, translated from the mesh directory (printed as Envoy's config_dump JSON; nothing
+    /// runs).
+    Envoy(EnvoyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EnvoyArgs {
+    /// The WorkloadEntry, `namespace/name`.
+    #[arg(value_name = "NS/NAME")]
+    pub workload: String,
+    /// The mesh directory.
+    #[arg(long, value_name = "DIR")]
+    pub config: PathBuf,
+    /// Where the application listens for a workload port (repeatable); else the
+    /// `palisade.dev/app-port-<PORT>` annotation, else the port itself.
+    #[arg(long = "app-port", value_name = "PORT=APPPORT", value_parser = parse_app_port)]
+    pub app_ports: Vec<(u16, u16)>,
+}
+
+fn parse_app_port(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('=').ok_or("expected PORT=APPPORT")?;
+    let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((p(a)?, p(b)?))
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,6 +59,25 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Output::Table => print!("{}", report.table()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Envoy(args) => {
+            let snapshot =
+                palisade_policy::load_dir(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let wire =
+                palisade_control::workload_config(&snapshot, &args.workload).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "workload {:?} is not a WorkloadEntry in {}",
+                        args.workload,
+                        args.config.display()
+                    )
+                })?;
+            let app_ports: BTreeMap<u16, u16> = args.app_ports.into_iter().collect();
+            let resources = palisade_envoy::translate_inbound(&wire, &app_ports)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&palisade_envoy::json::config_dump(&resources))?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

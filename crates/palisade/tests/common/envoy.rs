@@ -220,13 +220,28 @@ impl Envoy {
     /// Writes `config` to `dir/<name>.json` and starts Envoy on it; returns once its admin
     /// endpoint answers (listeners may still be warming).
     pub async fn start(dir: &Path, name: &str, config: &Value) -> Self {
-        let binary = envoy_binary();
         let config_path = dir.join(format!("{name}.json"));
         std::fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        Self::start_file(dir, name, &config_path).await
+    }
+
+    /// Starts Envoy on a bootstrap file (`.json`, `.yaml`, or binary proto `.pb`).
+    pub async fn start_file(dir: &Path, name: &str, config_path: &Path) -> Self {
+        Self::start_file_with(dir, name, config_path, &[]).await
+    }
+
+    /// [`Envoy::start_file`] with extra command-line arguments.
+    pub async fn start_file_with(
+        dir: &Path,
+        name: &str,
+        config_path: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let binary = envoy_binary();
         let admin_path = dir.join(format!("{name}.admin"));
         let mut cmd = Command::new(binary);
         cmd.arg("--config-path")
-            .arg(&config_path)
+            .arg(config_path)
             .arg("--admin-address-path")
             .arg(&admin_path)
             .args([
@@ -239,7 +254,8 @@ impl Envoy {
             .args([
                 "--component-log-level",
                 "upstream:warning,main:warning,config:debug",
-            ]);
+            ])
+            .args(extra);
         let mut proc = ChildGuard::spawn(name, cmd, dir);
         let admin = wait_for(
             "Envoy's admin address",
@@ -302,6 +318,30 @@ impl Envoy {
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// Runs `envoy --mode validate` on a bootstrap file; `Err` holds Envoy's output when it refuses.
+pub fn validate(config_path: &Path) -> Result<(), String> {
+    let out = Command::new(envoy_binary())
+        .args([
+            "--mode",
+            "validate",
+            "--log-level",
+            "warning",
+            "--config-path",
+        ])
+        .arg(config_path)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
