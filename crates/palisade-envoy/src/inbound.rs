@@ -32,9 +32,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration};
 use envoy_types::util::pack_any;
-use palisade_policy::api::{MtlsMode, Resource};
+use palisade_policy::api::MtlsMode;
 use palisade_policy::workload_config::WorkloadConfig;
-use palisade_policy::{MeshSnapshot, PathNormalization, PortProtocol};
+use palisade_policy::{PathNormalization, PortProtocol};
 
 use crate::TranslateError;
 use crate::rbac::{self, HTTP_RBAC_FILTER, NETWORK_RBAC_FILTER};
@@ -85,26 +85,8 @@ pub fn translate_inbound(
     app_ports: &BTreeMap<u16, u16>,
 ) -> Result<EnvoyResources, TranslateError> {
     let what = format!("WorkloadEntry {}", wire.workload);
-    let mut resources = vec![Resource::WorkloadEntry(wire.workload_entry.clone())];
-    resources.extend(
-        wire.peer_authentications
-            .iter()
-            .cloned()
-            .map(Resource::PeerAuthentication),
-    );
-    resources.extend(
-        wire.request_authentications
-            .iter()
-            .cloned()
-            .map(Resource::RequestAuthentication),
-    );
-    resources.extend(
-        wire.authorization_policies
-            .iter()
-            .cloned()
-            .map(Resource::AuthorizationPolicy),
-    );
-    let snapshot = MeshSnapshot::from_resources(wire.mesh.clone(), resources)
+    let snapshot = wire
+        .snapshot()
         .map_err(|e| TranslateError::invalid(&what, e.to_string()))?;
     let resolved = snapshot
         .resolve_workload(&wire.workload)
@@ -418,6 +400,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use palisade_policy::MeshSnapshot;
 
     fn wire(yaml: &str) -> WorkloadConfig {
         let s = MeshSnapshot::from_sources(

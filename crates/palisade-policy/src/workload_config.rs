@@ -10,8 +10,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, WorkloadEntry};
+use crate::api::{
+    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Resource, WorkloadEntry,
+};
+use crate::error::LoadErrors;
 use crate::mesh::MeshConfig;
+use crate::snapshot::MeshSnapshot;
 
 /// The type URL of [`WorkloadConfig`] resources.
 pub const WORKLOAD_CONFIG_TYPE_URL: &str = "type.googleapis.com/palisade.config.v1.WorkloadConfig";
@@ -99,6 +103,37 @@ impl WorkloadConfig {
     /// Reads a JSON body.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+
+    /// The workload's own entry and the policies pushed with it as a validated snapshot, from
+    /// which to resolve or compile this workload (what every consumer of a push does first: the
+    /// sidecar, and the Envoy translator).
+    pub fn snapshot(&self) -> Result<MeshSnapshot, LoadErrors> {
+        let mut resources = Vec::with_capacity(
+            1 + self.peer_authentications.len()
+                + self.request_authentications.len()
+                + self.authorization_policies.len(),
+        );
+        resources.push(Resource::WorkloadEntry(self.workload_entry.clone()));
+        resources.extend(
+            self.peer_authentications
+                .iter()
+                .cloned()
+                .map(Resource::PeerAuthentication),
+        );
+        resources.extend(
+            self.request_authentications
+                .iter()
+                .cloned()
+                .map(Resource::RequestAuthentication),
+        );
+        resources.extend(
+            self.authorization_policies
+                .iter()
+                .cloned()
+                .map(Resource::AuthorizationPolicy),
+        );
+        MeshSnapshot::from_resources(self.mesh.clone(), resources)
     }
 }
 

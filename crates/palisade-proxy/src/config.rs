@@ -7,8 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_identity::{SpiffeId, TrustDomain};
-use palisade_policy::api::Resource;
-use palisade_policy::{CompiledPolicy, MeshSnapshot, OutboundTrafficMode, PortProtocol};
+use palisade_policy::{CompiledPolicy, OutboundTrafficMode, PortProtocol};
 
 use palisade_policy::workload_config::WorkloadConfig;
 
@@ -143,31 +142,7 @@ impl ProxyConfig {
                 got: wire.workload.clone(),
             });
         }
-        let mut resources = Vec::with_capacity(
-            1 + wire.peer_authentications.len()
-                + wire.request_authentications.len()
-                + wire.authorization_policies.len(),
-        );
-        resources.push(Resource::WorkloadEntry(wire.workload_entry.clone()));
-        resources.extend(
-            wire.peer_authentications
-                .iter()
-                .cloned()
-                .map(Resource::PeerAuthentication),
-        );
-        resources.extend(
-            wire.request_authentications
-                .iter()
-                .cloned()
-                .map(Resource::RequestAuthentication),
-        );
-        resources.extend(
-            wire.authorization_policies
-                .iter()
-                .cloned()
-                .map(Resource::AuthorizationPolicy),
-        );
-        let snapshot = MeshSnapshot::from_resources(wire.mesh.clone(), resources)?;
+        let snapshot = wire.snapshot()?;
         let policy = snapshot.compile_workload(&wire.workload)?;
 
         let entry = &wire.workload_entry;
