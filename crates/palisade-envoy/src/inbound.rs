@@ -24,6 +24,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
     route_match,
 };
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -37,6 +38,7 @@ use palisade_policy::workload_config::WorkloadConfig;
 use palisade_policy::{PathNormalization, PortProtocol};
 
 use crate::TranslateError;
+use crate::jwt::JWT_FILTER;
 use crate::rbac::{self, HTTP_RBAC_FILTER, NETWORK_RBAC_FILTER};
 use crate::tls::inbound_mtls;
 
@@ -91,14 +93,7 @@ pub fn translate_inbound(
     let resolved = snapshot
         .resolve_workload(&wire.workload)
         .ok_or_else(|| TranslateError::invalid(&what, "not in its own config"))?;
-    if let Some(rule) = resolved.jwt_rules.first() {
-        // The place for jwt_authn: istiod puts it before the RBAC filters.
-        return Err(TranslateError::not_translated(
-            &format!("RequestAuthentication {}", rule.policy),
-            "spec.jwtRules",
-            "jwt_authn is translated in a later step",
-        ));
-    }
+    let jwt = crate::jwt::build(&resolved.jwt_rules)?;
     let trust_domains = wire.mesh.trust_domain_bundle();
     let http_rbac = rbac::build(&resolved.authorization, &trust_domains, false)?;
     let tcp_rbac = rbac::build(&resolved.authorization, &trust_domains, true)?;
@@ -115,6 +110,7 @@ pub fn translate_inbound(
                 &p,
                 &cluster_name,
                 &stat_prefix,
+                jwt.as_ref(),
                 &http_rbac,
                 normalization,
             )],
@@ -281,17 +277,24 @@ fn hcm(
     p: &InboundPort,
     cluster: &str,
     stat_prefix: &str,
+    jwt: Option<&JwtAuthentication>,
     rbac: &[rbac::BuiltRules],
     normalization: PathNormalization,
 ) -> Filter {
-    let mut http_filters: Vec<HttpFilter> = rbac
-        .iter()
-        .map(|b| HttpFilter {
-            name: HTTP_RBAC_FILTER.to_owned(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(b.http()))),
+    // istiod: jwt_authn first, so the RBAC filters read its payload metadata.
+    let mut http_filters: Vec<HttpFilter> = jwt
+        .map(|j| HttpFilter {
+            name: JWT_FILTER.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(j.clone()))),
             ..Default::default()
         })
+        .into_iter()
         .collect();
+    http_filters.extend(rbac.iter().map(|b| HttpFilter {
+        name: HTTP_RBAC_FILTER.to_owned(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(b.http()))),
+        ..Default::default()
+    }));
     http_filters.push(HttpFilter {
         name: ROUTER_FILTER.to_owned(),
         config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
@@ -565,13 +568,46 @@ spec:
         assert_eq!(grpc, HCM_FILTER);
     }
 
+    /// istiod's HTTP filter order: jwt_authn, then the RBAC filters (they read its payload),
+    /// then the router; TCP chains get no jwt_authn.
+    #[test]
+    fn jwt_authn_precedes_rbac_on_http_chains() {
+        let yaml = format!(
+            "{SERVER}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\nspec: {{jwtRules: [{{issuer: a, jwks: '{{\"keys\":[]}}'}}]}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\nspec: {{rules: [{{from: [{{source: {{requestPrincipals: [\"a/b\"]}}}}]}}]}}\n"
+        );
+        let out = translate_inbound(&wire(&yaml), &BTreeMap::new()).unwrap();
+        let doc = crate::json::resources(&out);
+        let filters = |l: usize| -> Vec<String> {
+            let f = &doc["listeners"][l]["filter_chains"][0]["filters"];
+            let hcm = &f[0]["typed_config"]["http_filters"];
+            match hcm.as_array() {
+                Some(h) => h
+                    .iter()
+                    .map(|x| x["name"].as_str().unwrap().to_owned())
+                    .collect(),
+                None => f
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["name"].as_str().unwrap().to_owned())
+                    .collect(),
+            }
+        };
+        assert_eq!(
+            filters(0),
+            [JWT_FILTER, rbac::HTTP_RBAC_FILTER, ROUTER_FILTER]
+        );
+        assert_eq!(filters(3), [NETWORK_RBAC_FILTER, TCP_PROXY_FILTER]);
+        assert!(!doc.to_string().contains(crate::json::UNPRINTED));
+    }
+
     #[test]
     fn untranslated_inputs_are_refused() {
         let cases = [
             (
                 "RequestAuthentication",
-                "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec: {jwtRules: [{issuer: a, jwks: '{\"keys\":[]}'}]}\n",
-                "RequestAuthentication demo/jwt: spec.jwtRules",
+                "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec: {jwtRules: [{issuer: a, jwksUri: 'https://a/keys'}]}\n",
+                "RequestAuthentication demo/jwt: spec.jwtRules[issuer=a].jwksUri",
             ),
             ("grpc-web port", "", "spec.ports.grpc"),
         ];

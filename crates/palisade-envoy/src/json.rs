@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     Address, ApiConfigSource, ConfigSource, GrpcService, TransportSocket, address, config_source,
     grpc_service, socket_address, transport_socket,
 };
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
@@ -20,6 +21,9 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, RouteConfiguration, header_matcher, route, route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
+    JwtAuthentication, JwtProvider, JwtRequirement, jwt_provider, jwt_requirement, requirement_rule,
 };
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -37,7 +41,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
-    MetadataMatcher, StringMatcher, metadata_matcher, path_matcher, string_matcher, value_matcher,
+    MetadataMatcher, StringMatcher, ValueMatcher, list_matcher, metadata_matcher, path_matcher,
+    string_matcher, value_matcher,
 };
 use envoy_types::pb::google::protobuf::{Any, Duration};
 use prost::{Message, Name};
@@ -259,6 +264,8 @@ pub fn any(a: &Any) -> Value {
         decode(a, |_: &Router| json!({}))
     } else if url == TlsInspector::type_url() {
         decode(a, |_: &TlsInspector| json!({}))
+    } else if url == JwtAuthentication::type_url() {
+        decode(a, jwt_authn)
     } else if url == HttpRbac::type_url() {
         decode(a, http_rbac)
     } else if url == NetworkRbac::type_url() {
@@ -603,6 +610,8 @@ fn perm(p: &Permission) -> Value {
     }
 }
 
+// Prints the deprecated `Principal.metadata` the translator emits (see `rbac::principal_metadata`).
+#[allow(deprecated)]
 fn princ(p: &Principal) -> Value {
     use principal::Identifier;
     match &p.identifier {
@@ -620,6 +629,7 @@ fn princ(p: &Principal) -> Value {
         Some(Identifier::RemoteIp(c)) => json!({ "remote_ip": cidr(c) }),
         Some(Identifier::Header(h)) => json!({ "header": header(h) }),
         Some(Identifier::NotId(n)) => json!({ "not_id": princ(n) }),
+        Some(Identifier::Metadata(m)) => json!({ "metadata": metadata(m) }),
         _ => unprinted("Principal"),
     }
 }
@@ -633,18 +643,111 @@ fn metadata(m: &MetadataMatcher) -> Value {
             None => unprinted("PathSegment"),
         })
         .collect();
-    let value = m.value.as_ref().map(|v| match &v.match_pattern {
-        Some(value_matcher::MatchPattern::StringMatch(s)) => {
-            json!({ "string_match": string_matcher(s) })
-        }
-        _ => unprinted("ValueMatcher"),
-    });
+    let value = m.value.as_ref().map(value_match);
     Obj::new()
         .str("filter", &m.filter)
         .val("path", Value::Array(path))
         .opt("value", value)
         .bool("invert", m.invert)
         .done()
+}
+
+fn value_match(v: &ValueMatcher) -> Value {
+    match &v.match_pattern {
+        Some(value_matcher::MatchPattern::StringMatch(s)) => {
+            json!({ "string_match": string_matcher(s) })
+        }
+        Some(value_matcher::MatchPattern::OrMatch(o)) => json!({ "or_match": {
+            "value_matchers": o.value_matchers.iter().map(value_match).collect::<Vec<_>>()
+        } }),
+        Some(value_matcher::MatchPattern::ListMatch(l)) => match &l.match_pattern {
+            Some(list_matcher::MatchPattern::OneOf(one)) => {
+                json!({ "list_match": { "one_of": value_match(one) } })
+            }
+            None => unprinted("ListMatcher"),
+        },
+        _ => unprinted("ValueMatcher"),
+    }
+}
+
+fn jwt_authn(j: &JwtAuthentication) -> Value {
+    let mut providers: Vec<(&String, &JwtProvider)> = j.providers.iter().collect();
+    providers.sort_by_key(|(name, _)| *name);
+    let providers: Map<String, Value> = providers
+        .into_iter()
+        .map(|(name, p)| (name.clone(), jwt_provider(p)))
+        .collect();
+    Obj::new()
+        .val("providers", Value::Object(providers))
+        .list("rules", &j.rules, |r| {
+            let prefix = match r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()) {
+                Some(route_match::PathSpecifier::Prefix(p)) => json!({ "prefix": p }),
+                _ => unprinted("RouteMatch"),
+            };
+            let requires = match &r.requirement_type {
+                Some(requirement_rule::RequirementType::Requires(q)) => jwt_requirement(q),
+                _ => unprinted("RequirementRule"),
+            };
+            json!({ "match": prefix, "requires": requires })
+        })
+        .bool("bypass_cors_preflight", j.bypass_cors_preflight)
+        .done()
+}
+
+fn jwt_provider(p: &JwtProvider) -> Value {
+    let jwks = match &p.jwks_source_specifier {
+        Some(jwt_provider::JwksSourceSpecifier::LocalJwks(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(s)),
+            ..
+        })) => json!({ "inline_string": s }),
+        _ => unprinted("JwksSourceSpecifier"),
+    };
+    Obj::new()
+        .str("issuer", &p.issuer)
+        .list("audiences", &p.audiences, |a| json!(a))
+        .bool("forward", p.forward)
+        .list("from_headers", &p.from_headers, |h| {
+            Obj::new()
+                .str("name", &h.name)
+                .str("value_prefix", &h.value_prefix)
+                .done()
+        })
+        .list("from_params", &p.from_params, |a| json!(a))
+        .list("from_cookies", &p.from_cookies, |a| json!(a))
+        .str("forward_payload_header", &p.forward_payload_header)
+        .str("payload_in_metadata", &p.payload_in_metadata)
+        .opt(
+            "normalize_payload_in_metadata",
+            p.normalize_payload_in_metadata.as_ref().map(|n| {
+                Obj::new()
+                    .list("space_delimited_claims", &n.space_delimited_claims, |c| {
+                        json!(c)
+                    })
+                    .done()
+            }),
+        )
+        .list("claim_to_headers", &p.claim_to_headers, |c| {
+            Obj::new()
+                .str("header_name", &c.header_name)
+                .str("claim_name", &c.claim_name)
+                .done()
+        })
+        .val("local_jwks", jwks)
+        .done()
+}
+
+fn jwt_requirement(r: &JwtRequirement) -> Value {
+    match &r.requires_type {
+        Some(jwt_requirement::RequiresType::ProviderName(n)) => json!({ "provider_name": n }),
+        Some(jwt_requirement::RequiresType::AllowMissing(_)) => json!({ "allow_missing": {} }),
+        Some(jwt_requirement::RequiresType::RequiresAny(o)) => json!({ "requires_any": {
+            "requirements": o.requirements.iter().map(jwt_requirement).collect::<Vec<_>>()
+        } }),
+        Some(jwt_requirement::RequiresType::RequiresAll(a)) => json!({ "requires_all": {
+            "requirements": a.requirements.iter().map(jwt_requirement).collect::<Vec<_>>()
+        } }),
+        _ => unprinted("JwtRequirement"),
+    }
 }
 
 fn cidr(c: &CidrRange) -> Value {

@@ -6,14 +6,18 @@
 //!   connection manager or TCP proxy) and the clusters to the application.
 //! - [`rbac`]: AuthorizationPolicy to Envoy RBAC (HTTP and network filters), as istiod's
 //!   `pilot/pkg/security/authz/builder` and `model` generate it.
+//! - [`jwt`]: RequestAuthentication to `jwt_authn` (before the RBAC filters), as istiod's
+//!   `pilot/pkg/security/authn` builds it.
 //! - [`json`]: Envoy's config-dump JSON of the resources this crate emits.
 //!
-//! What is not translated yet (RequestAuthentication / `jwt_authn`, CUSTOM / `ext_authz`, the
-//! outbound side) is refused with a [`TranslateError`] naming the resource and field, never
-//! dropped: a silently missing rule would let traffic through that Palisade's sidecar refuses.
+//! What is not translated yet (CUSTOM / `ext_authz`, `jwksUri` rules without keys resolved
+//! inline, the outbound side) is refused with a [`TranslateError`] naming the resource and
+//! field, never dropped: a silently missing rule would let traffic through that Palisade's
+//! sidecar refuses.
 
 pub mod inbound;
 pub mod json;
+pub mod jwt;
 pub mod rbac;
 pub mod tls;
 

@@ -6,6 +6,9 @@
 //! per field, `not_id` / `not_rule` for `not*` values); `when` conditions join the principals or
 //! the permissions by key. On TCP filter chains HTTP-only fields make an ALLOW rule disappear
 //! and are removed from DENY and AUDIT rules (istiod's `checkError`).
+//! `requestPrincipals` and `request.auth.*` match the `jwt_authn` payload in dynamic metadata
+//! (`payload.iss` / `payload.sub`, claim paths), as istiod's generators do without the Istio
+//! authn filter.
 
 use std::collections::HashMap;
 
@@ -18,8 +21,8 @@ use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRba
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
-    MetadataMatcher, PathMatcher, RegexMatcher, StringMatcher, ValueMatcher, metadata_matcher,
-    path_matcher, string_matcher, value_matcher,
+    ListMatcher, MetadataMatcher, OrMatcher, PathMatcher, RegexMatcher, StringMatcher,
+    ValueMatcher, list_matcher, metadata_matcher, path_matcher, string_matcher, value_matcher,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
@@ -231,7 +234,8 @@ enum AttrKey {
     DestIp,
     Sni,
     Header(String),
-    Jwt,
+    /// `request.auth.audiences` / `presenter` / `claims[...]`: the claim path in the payload.
+    JwtClaim(Vec<String>),
     /// Envoy filter metadata: filter name and key.
     EnvoyFilter(String, String),
 }
@@ -245,7 +249,7 @@ impl AttrKey {
                 | AttrKey::Method
                 | AttrKey::Path
                 | AttrKey::Header(_)
-                | AttrKey::Jwt
+                | AttrKey::JwtClaim(_)
         )
     }
 
@@ -289,10 +293,10 @@ fn generate(ctx: &RuleContext<'_>, rule: &Rule) -> Result<Option<Policy>, Transl
             WhenKey::SourcePrincipal => AttrKey::Principal,
             WhenKey::SourceServiceAccount => AttrKey::ServiceAccount,
             WhenKey::SourceTrustDomain => AttrKey::TrustDomain,
-            WhenKey::RequestPrincipal
-            | WhenKey::RequestAudiences
-            | WhenKey::RequestPresenter
-            | WhenKey::RequestClaim(_) => AttrKey::Jwt,
+            WhenKey::RequestPrincipal => AttrKey::RequestPrincipal,
+            WhenKey::RequestAudiences => AttrKey::JwtClaim(vec!["aud".to_owned()]),
+            WhenKey::RequestPresenter => AttrKey::JwtClaim(vec!["azp".to_owned()]),
+            WhenKey::RequestClaim(path) => AttrKey::JwtClaim(path),
             WhenKey::DestinationIp => AttrKey::DestIp,
             WhenKey::DestinationPort => AttrKey::Port,
             WhenKey::ConnectionSni => AttrKey::Sni,
@@ -405,7 +409,7 @@ fn generate(ctx: &RuleContext<'_>, rule: &Rule) -> Result<Option<Policy>, Transl
     for list in &principal_lists {
         let mut and = Vec::new();
         for a in list.iter().chain(&when_principals) {
-            match attr_matchers(ctx, a, principal_of)? {
+            match principal_matchers(ctx, a)? {
                 Some(m) => and.extend(m),
                 None => return Ok(None),
             }
@@ -575,12 +579,11 @@ fn principal_of(
         AttrKey::SourceIp => Identifier::DirectRemoteIp(cidr(ctx, a, v)?),
         AttrKey::RemoteIp => Identifier::RemoteIp(cidr(ctx, a, v)?),
         AttrKey::Header(name) => Identifier::Header(header_matcher(name, v)),
-        AttrKey::RequestPrincipal | AttrKey::Jwt => {
-            return not_translated(
-                ctx,
-                a,
-                "request.auth attributes need jwt_authn, which is translated in a later step",
-            );
+        AttrKey::RequestPrincipal | AttrKey::JwtClaim(_) => {
+            return Err(TranslateError::invalid(
+                &ctx.what,
+                format!("{} is matched on all its values at once", a.field),
+            ));
         }
         AttrKey::TrustDomain => {
             return not_translated(ctx, a, "trust-domain matchers are not generated yet");
@@ -595,6 +598,163 @@ fn principal_of(
     Ok(ValueOutcome::Matcher(Principal {
         identifier: Some(id),
     }))
+}
+
+/// A source attribute's matchers. JWT attributes are istiod's "extended" generators, which see
+/// all values at once (`requestPrincipalGenerator`, `requestClaimGenerator`, ... in
+/// `pilot/pkg/security/authz/model/generator.go`): the values give one principal, the
+/// not-values one `not_id` of one principal; the others go value by value.
+fn principal_matchers(
+    ctx: &RuleContext<'_>,
+    a: &Attr,
+) -> Result<Option<Vec<Principal>>, TranslateError> {
+    let extended: fn(&AttrKey, &[String]) -> Option<Principal> = match a.key {
+        AttrKey::RequestPrincipal => request_principals,
+        AttrKey::JwtClaim(_) => jwt_claims,
+        _ => return attr_matchers(ctx, a, principal_of),
+    };
+    if ctx.for_tcp {
+        // istiod's checkError: the rule is skipped for ALLOW, the attribute dropped otherwise.
+        return Ok((ctx.action != AuthzAction::Allow).then(Vec::new));
+    }
+    let mut out = Vec::new();
+    out.extend(extended(&a.key, &a.values));
+    out.extend(extended(&a.key, &a.not_values).map(<Principal as Matcher>::not));
+    Ok(Some(out))
+}
+
+// `Principal.metadata` is deprecated for `sourced_metadata`, but it is what istiod generates for
+// `request.auth.*` and Envoy 1.40 accepts it.
+#[allow(deprecated)]
+fn principal_metadata(m: MetadataMatcher) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Metadata(m)),
+    }
+}
+
+/// A matcher on the jwt_authn payload at `path`.
+fn jwt_payload(path: &[String], value: value_matcher::MatchPattern) -> MetadataMatcher {
+    MetadataMatcher {
+        filter: crate::jwt::JWT_FILTER.to_owned(),
+        path: std::iter::once(crate::jwt::PAYLOAD_KEY)
+            .chain(path.iter().map(String::as_str))
+            .map(|k| metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(k.to_owned())),
+            })
+            .collect(),
+        value: Some(ValueMatcher {
+            match_pattern: Some(value),
+        }),
+        invert: false,
+    }
+}
+
+/// istiod's `requestPrincipalGenerator`: `ISS/SUB` split at the last `/` (issuers are URLs),
+/// each value `and_ids` of the payload's `iss` and `sub`, with `*` wildcards on either side.
+fn request_principals(_: &AttrKey, values: &[String]) -> Option<Principal> {
+    use string_matcher::MatchPattern::{Exact, Prefix, Suffix};
+    let any = || regex(".+".to_owned());
+    let mut or: Vec<Principal> = values
+        .iter()
+        .map(|value| {
+            let (iss, sub) = match value.rsplit_once('/') {
+                Some((i, s)) => (i, Some(s)),
+                None => (value.as_str(), None),
+            };
+            let (m_iss, m_sub) = if value == "*" {
+                (any(), any())
+            } else if let Some(rest) = value.strip_prefix('*') {
+                match sub {
+                    Some(sub) => (
+                        if iss == "*" {
+                            any()
+                        } else {
+                            pattern(
+                                Suffix(iss.strip_prefix('*').unwrap_or(iss).to_owned()),
+                                false,
+                            )
+                        },
+                        pattern(Exact(sub.to_owned()), false),
+                    ),
+                    None => (any(), pattern(Suffix(rest.to_owned()), false)),
+                }
+            } else if let Some(rest) = value.strip_suffix('*') {
+                match sub {
+                    Some(sub) => (
+                        pattern(Exact(iss.to_owned()), false),
+                        if sub == "*" {
+                            any()
+                        } else {
+                            pattern(
+                                Prefix(sub.strip_suffix('*').unwrap_or(sub).to_owned()),
+                                false,
+                            )
+                        },
+                    ),
+                    None => (pattern(Prefix(rest.to_owned()), false), any()),
+                }
+            } else {
+                (
+                    pattern(Exact(iss.to_owned()), false),
+                    pattern(Exact(sub.unwrap_or_default().to_owned()), false),
+                )
+            };
+            let claim = |c: &str, m| {
+                principal_metadata(jwt_payload(
+                    &[c.to_owned()],
+                    value_matcher::MatchPattern::StringMatch(m),
+                ))
+            };
+            Principal {
+                identifier: Some(principal::Identifier::AndIds(principal::Set {
+                    ids: vec![claim("iss", m_iss), claim("sub", m_sub)],
+                })),
+            }
+        })
+        .collect();
+    match or.len() {
+        0 => None,
+        1 => or.pop(),
+        _ => Some(<Principal as Matcher>::or(or)),
+    }
+}
+
+/// istiod's `requestClaimGenerator` (and audiences, presenter): one matcher on the claim path
+/// whose value is either a list holding one of the values or one of the values itself.
+fn jwt_claims(key: &AttrKey, values: &[String]) -> Option<Principal> {
+    let AttrKey::JwtClaim(path) = key else {
+        return None;
+    };
+    let mut each: Vec<ValueMatcher> = values
+        .iter()
+        .map(|v| ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::StringMatch(string_matcher(
+                v, "",
+            ))),
+        })
+        .collect();
+    let one_of = match each.len() {
+        0 => return None,
+        1 => each.pop()?,
+        _ => ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::OrMatch(OrMatcher {
+                value_matchers: each,
+            })),
+        },
+    };
+    let list = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::ListMatch(Box::new(
+            ListMatcher {
+                match_pattern: Some(list_matcher::MatchPattern::OneOf(Box::new(one_of.clone()))),
+            },
+        ))),
+    };
+    Some(principal_metadata(jwt_payload(
+        path,
+        value_matcher::MatchPattern::OrMatch(OrMatcher {
+            value_matchers: vec![list, one_of],
+        }),
+    )))
 }
 
 fn authenticated(m: StringMatcher) -> principal::Identifier {
@@ -871,22 +1031,10 @@ spec:
     fn untranslated_inputs_are_errors_naming_policy_and_field() {
         let cases: &[(&str, &str, bool, Option<&str>)] = &[
             (
-                "requestPrincipals on HTTP",
-                "spec: {rules: [{from: [{source: {requestPrincipals: [\"a/b\"]}}]}]}",
-                false,
-                Some("AuthorizationPolicy foo/p: rules[0].from[0].source.requestPrincipals"),
-            ),
-            (
                 "requestPrincipals on TCP ALLOW: the rule is skipped as istiod skips it",
                 "spec: {rules: [{from: [{source: {requestPrincipals: [\"a/b\"]}}]}]}",
                 true,
                 None,
-            ),
-            (
-                "claims in when",
-                "spec: {action: DENY, rules: [{when: [{key: \"request.auth.claims[iss]\", values: [x]}]}]}",
-                false,
-                Some("rules[0].when[0] request.auth.claims[iss]"),
             ),
             (
                 "CUSTOM",
@@ -932,6 +1080,140 @@ spec:
                     );
                 }
             }
+        }
+    }
+
+    /// `request.auth.*` on the jwt_authn payload, as istiod's generators shape it (goldens:
+    /// `pilot/pkg/security/authz/builder/testdata/http/single-policy-out.yaml` for
+    /// requestPrincipals, `allow-full-rule-out.yaml` for audiences and claims).
+    #[test]
+    fn jwt_attributes_match_the_jwt_authn_payload() {
+        use serde_json::{Value, json};
+        let meta = |path: &[&str], value: Value| {
+            let mut p = vec![json!({"key": "payload"})];
+            p.extend(path.iter().map(|k| json!({"key": k})));
+            json!({"metadata": {"filter": "envoy.filters.http.jwt_authn", "path": p, "value": value}})
+        };
+        let s = |m: Value| json!({"string_match": m});
+        let any = || s(json!({"safe_regex": {"regex": ".+"}}));
+        let rp = |iss: Value, sub: Value| json!({"and_ids": {"ids": [meta(&["iss"], iss), meta(&["sub"], sub)]}});
+        let claim = |path: &[&str], one: Value| {
+            meta(
+                path,
+                json!({"or_match": {"value_matchers": [{"list_match": {"one_of": one.clone()}}, one]}}),
+            )
+        };
+        let cases: Vec<(&str, &str, Value)> = vec![
+            (
+                "exact ISS/SUB, the issuer a URL",
+                r#"from: [{source: {requestPrincipals: ["https://a.example/x/alice"]}}]"#,
+                rp(
+                    s(json!({"exact": "https://a.example/x"})),
+                    s(json!({"exact": "alice"})),
+                ),
+            ),
+            (
+                "no slash: an issuer with an empty subject",
+                r#"from: [{source: {requestPrincipals: ["iss"]}}]"#,
+                rp(s(json!({"exact": "iss"})), s(json!({"exact": ""}))),
+            ),
+            (
+                "*",
+                r#"from: [{source: {requestPrincipals: ["*"]}}]"#,
+                rp(any(), any()),
+            ),
+            (
+                "*/SUB",
+                r#"from: [{source: {requestPrincipals: ["*/bob"]}}]"#,
+                rp(any(), s(json!({"exact": "bob"}))),
+            ),
+            (
+                "*ISS-SUFFIX/SUB",
+                r#"from: [{source: {requestPrincipals: ["*.example/bob"]}}]"#,
+                rp(s(json!({"suffix": ".example"})), s(json!({"exact": "bob"}))),
+            ),
+            (
+                "*SUFFIX without slash: a subject suffix",
+                r#"from: [{source: {requestPrincipals: ["*@corp"]}}]"#,
+                rp(any(), s(json!({"suffix": "@corp"}))),
+            ),
+            (
+                "ISS/*",
+                r#"from: [{source: {requestPrincipals: ["https://a/*"]}}]"#,
+                rp(s(json!({"exact": "https://a"})), any()),
+            ),
+            (
+                "ISS/SUB-PREFIX*",
+                r#"from: [{source: {requestPrincipals: ["https://a/svc-*"]}}]"#,
+                rp(
+                    s(json!({"exact": "https://a"})),
+                    s(json!({"prefix": "svc-"})),
+                ),
+            ),
+            (
+                "PREFIX* without slash: an issuer prefix",
+                r#"from: [{source: {requestPrincipals: ["https:*"]}}]"#,
+                rp(s(json!({"prefix": "https:"})), any()),
+            ),
+            (
+                "two values: or_ids; not-values: not_id of the or",
+                r#"from: [{source: {requestPrincipals: ["a/b", "c/d"], notRequestPrincipals: ["e/f"]}}]"#,
+                json!([
+                    {"or_ids": {"ids": [
+                        rp(s(json!({"exact": "a"})), s(json!({"exact": "b"}))),
+                        rp(s(json!({"exact": "c"})), s(json!({"exact": "d"}))),
+                    ]}},
+                    {"not_id": rp(s(json!({"exact": "e"})), s(json!({"exact": "f"})))},
+                ]),
+            ),
+            (
+                "request.auth.principal in when: the requestPrincipals generator",
+                r#"when: [{key: request.auth.principal, values: ["https://a/bob"]}]"#,
+                rp(s(json!({"exact": "https://a"})), s(json!({"exact": "bob"}))),
+            ),
+            (
+                "audiences: a list or a string",
+                r#"when: [{key: request.auth.audiences, values: [api]}]"#,
+                claim(&["aud"], s(json!({"exact": "api"}))),
+            ),
+            (
+                "presenter",
+                r#"when: [{key: request.auth.presenter, values: ["web-*"]}]"#,
+                claim(&["azp"], s(json!({"prefix": "web-"}))),
+            ),
+            (
+                "nested claim, several values",
+                r#"when: [{key: "request.auth.claims[org][team]", values: [blue, "*-x"]}]"#,
+                claim(
+                    &["org", "team"],
+                    json!({"or_match": {"value_matchers": [s(json!({"exact": "blue"})), s(json!({"suffix": "-x"}))]}}),
+                ),
+            ),
+            (
+                "notValues of a claim",
+                r#"when: [{key: "request.auth.claims[groups]", notValues: [guests]}]"#,
+                json!({"not_id": claim(&["groups"], s(json!({"exact": "guests"})))}),
+            ),
+        ];
+        for (name, rule, want) in cases {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec: {{rules: [{{{rule}}}]}}\n"
+            );
+            let built = build(&resolve(&yaml), &["cluster.local".to_owned()], false).unwrap();
+            let got = &json_of(&built, false)[0]["rules"]["policies"]["ns[foo]-policy[p]-rule[0]"]
+                ["principals"][0]["and_ids"]["ids"];
+            let want = if want.is_array() { want } else { json!([want]) };
+            assert_eq!(got, &want, "{name}");
+        }
+        // On TCP, ALLOW skips the rule and DENY drops the attribute (istiod's checkError).
+        for (action, want) in [("ALLOW", json!(null)), ("DENY", json!([{"any": true}]))] {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec: {{action: {action}, rules: [{{when: [{{key: \"request.auth.claims[iss]\", values: [x]}}]}}]}}\n"
+            );
+            let built = build(&resolve(&yaml), &["cluster.local".to_owned()], true).unwrap();
+            let got = &json_of(&built, true)[0]["rules"]["policies"]["ns[foo]-policy[p]-rule[0]"]["principals"]
+                [0]["and_ids"]["ids"];
+            assert_eq!(got, &want, "{action}");
         }
     }
 

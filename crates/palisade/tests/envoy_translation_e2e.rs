@@ -197,6 +197,49 @@ spec:
   - from: [{source: {namespaces: [nobody]}}]
 "#;
 
+/// RequestAuthentication with an inline JWKS (issuer A) and one whose JWKS the control plane
+/// could not fetch (issuer B, the fetch-error marker), `requestPrincipals`, `notRequestPrincipals`
+/// and `request.auth.claims` conditions on a list claim and a nested claim, a DENY on a
+/// principal suffix. `JWKS` is issuer A's key set.
+const SCENARIO_JWT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-allow, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules:
+  - from: [{source: {requestPrincipals: ["https://a.example/alice"]}}]
+    to: [{operation: {paths: ["/alice*"]}}]
+  - to: [{operation: {paths: ["/admin*"]}}]
+    when: [{key: "request.auth.claims[groups]", values: [admins]}]
+  - to: [{operation: {paths: ["/team*"]}}]
+    when: [{key: "request.auth.claims[org][team]", values: [blue]}]
+  - from: [{source: {notRequestPrincipals: ["*"]}}]
+    to: [{operation: {paths: ["/anon*"]}}]
+  - to: [{operation: {paths: ["/open*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-deny, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {requestPrincipals: ["*/mallory"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  jwtRules:
+  - issuer: https://a.example
+    audiences: [api]
+    jwks: 'JWKS'
+  - issuer: https://b.example
+    jwks: '{"keys":[],"x-palisade-fetch-error":"connection refused"}'
+"#;
+
 /// What one request got: an HTTP status, or no HTTP answer at all; for TCP, whether the echo
 /// came back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,6 +527,52 @@ async fn envoy_and_palisade_decide_alike() {
     let get = |p: &'static str| Some(("GET", p, &[][..]));
     use Outcome::*;
 
+    // Issuer A's key, inlined in the RequestAuthentication; tokens minted with it.
+    let rsa_kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let rsa = jsonwebtoken::EncodingKey::from_rsa_pem(rsa_kp.serialize_pem().as_bytes()).unwrap();
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa, jsonwebtoken::Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let jwt_policies = SCENARIO_JWT.replace("JWKS", &json!({ "keys": [jwk] }).to_string());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let bearer = |iss: &str, extra: Value| {
+        let mut c = json!({"iss": iss, "sub": "alice", "aud": "api", "exp": now + 600, "iat": now});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        h.kid = Some("k1".to_owned());
+        format!("Bearer {}", jsonwebtoken::encode(&h, &c, &rsa).unwrap())
+    };
+    let a_valid = bearer("https://a.example", json!({}));
+    let a_expired = bearer(
+        "https://a.example",
+        json!({"exp": now - 600, "iat": now - 1200}),
+    );
+    let c_issuer = bearer("https://c.example", json!({}));
+    let b_issuer = bearer("https://b.example", json!({}));
+    let admins = bearer("https://a.example", json!({"groups": ["dev", "admins"]}));
+    let team = bearer(
+        "https://a.example",
+        json!({"sub": "bob", "org": {"team": "blue"}}),
+    );
+    let mallory = bearer("https://a.example", json!({"sub": "mallory"}));
+    fn with(t: &str) -> Vec<(&'static str, &str)> {
+        vec![("authorization", t)]
+    }
+    let (h_valid, h_expired, h_c, h_b, h_admins, h_team, h_mallory) = (
+        with(&a_valid),
+        with(&a_expired),
+        with(&c_issuer),
+        with(&b_issuer),
+        with(&admins),
+        with(&team),
+        with(&mallory),
+    );
+
     let scenarios: Vec<(&str, &str, Vec<Case>)> = vec![
         (
             "allow-deny",
@@ -769,6 +858,110 @@ async fn envoy_and_palisade_decide_alike() {
                 },
             ],
         ),
+        (
+            "jwt",
+            &jwt_policies,
+            vec![
+                Case {
+                    name: "no token, open path",
+                    port: 8082,
+                    client: &plain,
+                    http: get("/open"),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "no token, requestPrincipals path",
+                    port: 8082,
+                    client: &plain,
+                    http: get("/alice"),
+                    expect: Status(403),
+                },
+                Case {
+                    name: "valid token, requestPrincipals allow",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/alice", &h_valid)),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "valid token over mTLS",
+                    port: 8080,
+                    client: &client,
+                    http: Some(("GET", "/alice/x", &h_valid)),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "expired token",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/open", &h_expired)),
+                    expect: Status(401),
+                },
+                Case {
+                    name: "unknown issuer",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/open", &h_c)),
+                    expect: Status(401),
+                },
+                Case {
+                    name: "issuer whose JWKS could not be fetched",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/open", &h_b)),
+                    expect: Status(401),
+                },
+                Case {
+                    name: "list claim holds the value",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/admin", &h_admins)),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "claim missing",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/admin", &h_valid)),
+                    expect: Status(403),
+                },
+                Case {
+                    name: "nested claim",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/team", &h_team)),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "other principal, requestPrincipals path",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/alice", &h_team)),
+                    expect: Status(403),
+                },
+                Case {
+                    name: "requestPrincipals DENY",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/open", &h_mallory)),
+                    expect: Status(403),
+                },
+                Case {
+                    name: "notRequestPrincipals without a token",
+                    port: 8082,
+                    client: &plain,
+                    http: get("/anon"),
+                    expect: Status(200),
+                },
+                Case {
+                    name: "notRequestPrincipals with a token",
+                    port: 8082,
+                    client: &plain,
+                    http: Some(("GET", "/anon", &h_valid)),
+                    expect: Status(403),
+                },
+            ],
+        ),
     ];
 
     let mut requests = 0;
@@ -815,7 +1008,10 @@ async fn envoy_and_palisade_decide_alike() {
             let through_envoy = send(ENVOY_ADDR, case, &id).await;
             let before = palisade_decisions(&sidecar).await;
             let through_palisade = send(PALISADE_ADDR, case, &id).await;
-            if case.http.is_some() && matches!(through_palisade, Outcome::Status(_)) {
+            if through_palisade == Outcome::Status(401) {
+                // Refused by authentication, before any RBAC filter (Envoy logs `-`).
+                palisade_policies.insert(id.clone(), "none".to_owned());
+            } else if case.http.is_some() && matches!(through_palisade, Outcome::Status(_)) {
                 let after = palisade_decisions(&sidecar).await;
                 palisade_policies.insert(id.clone(), deciding_policy(&before, &after));
             }
@@ -1013,6 +1209,10 @@ fn every_policy_input_translates_to_config_envoy_accepts() {
     let mut clusters: BTreeMap<String, envoy_types::pb::envoy::config::cluster::v3::Cluster> =
         BTreeMap::new();
     let mut refused = Vec::new();
+    // The JWKS as the control plane pushes them before any fetch answered: each `jwksUri` rule
+    // inlined with the fail-closed fetch-error marker (nothing is fetched here).
+    let jwks =
+        palisade_control::jwks::JwksResolver::new(palisade_control::jwks::JwksOptions::from_env());
     for (i, (name, mesh, resources)) in inputs.iter().enumerate() {
         let address = format!("127.0.67.{}", 10 + i);
         let sources = vec![(
@@ -1026,7 +1226,8 @@ fn every_policy_input_translates_to_config_envoy_accepts() {
         let snapshot =
             palisade_policy::MeshSnapshot::from_sources(Some(("mesh.yaml", &mesh_yaml)), &sources)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let wire = palisade_control::workload_config(&snapshot, "foo/httpbin").unwrap();
+        let mut wire = palisade_control::workload_config(&snapshot, "foo/httpbin").unwrap();
+        jwks.inline(&mut wire);
         match palisade_envoy::translate_inbound(&wire, &BTreeMap::new()) {
             Ok(r) => {
                 listeners.extend(r.listeners);
@@ -1047,7 +1248,16 @@ fn every_policy_input_translates_to_config_envoy_accepts() {
         refused.len(),
         refused.join("\n")
     );
-    assert!(translated >= 60, "only {translated} inputs translated");
+    assert!(translated >= 87, "only {translated} inputs translated");
+    // RequestAuthentication and `request.auth.*` are translated now; only CUSTOM and trust
+    // domains remain.
+    assert_eq!(refused.len(), 8, "{refused:#?}");
+    assert!(
+        !refused
+            .iter()
+            .any(|r| r.contains("RequestAuthentication") || r.contains("request")),
+        "{refused:#?}"
+    );
     let mut clusters: Vec<_> = clusters.into_values().collect();
     clusters.push(palisade_envoy::tls::sds_cluster("/nonexistent/sds.sock"));
     // The same resources as `proxy-config envoy` prints them: Envoy must read the JSON too,
@@ -1096,11 +1306,10 @@ fn proxy_config_envoy_refuses_what_it_cannot_translate() {
         "{}---\n{}",
         CONFORMANCE_WORKLOADS.replace("ADDRESS", "127.0.67.5"),
         r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: by-token, namespace: foo}
+kind: RequestAuthentication
+metadata: {name: by-uri, namespace: foo}
 spec:
-  rules:
-  - from: [{source: {requestPrincipals: ["https://idp/alice"]}}]
+  jwtRules: [{issuer: "https://idp", jwksUri: "https://idp/keys"}]
 "#
     );
     std::fs::write(dir.path().join("policies.yaml"), files).unwrap();
@@ -1114,7 +1323,8 @@ spec:
     let cases = [
         (
             "foo/httpbin",
-            "AuthorizationPolicy foo/by-token: rules[0].from[0].source.requestPrincipals: not translated for Envoy yet",
+            // Offline there is no JWKS the control plane resolved, and no remote JWKS is generated.
+            "RequestAuthentication foo/by-uri: spec.jwtRules[issuer=https://idp].jwksUri: not translated for Envoy yet",
         ),
         ("foo/none", "\"foo/none\" is not a WorkloadEntry"),
     ];
