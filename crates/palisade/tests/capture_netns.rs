@@ -18,11 +18,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write as _;
+#[path = "common/netns.rs"]
+mod netns;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+use netns::{Netns, output_text, skip};
 
 const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
 const HUB: &str = "10.240.67.1";
@@ -31,108 +35,25 @@ const SERVER: &str = "10.240.67.3";
 /// The sidecars' uid and gid (what `palisade iptables install` exempts by default).
 const PROXY_ID: u32 = 1337;
 
-fn skip(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
-}
-
-fn on_path(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
-        .unwrap_or(false)
-}
-
 /// Why this test cannot run here, if it cannot.
 fn missing() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or("?");
-    if uid != "0" {
-        return Some(format!(
-            "needs root to create network namespaces (uid is {uid})"
-        ));
-    }
-    let tools = [
-        "ip",
-        "ss",
-        "iptables",
-        "iptables-restore",
-        "iptables-save",
-        "setpriv",
-        "curl",
-        "python3",
-        "bash",
-        "timeout",
-    ];
-    if let Some(tool) = tools.iter().find(|t| !on_path(t)) {
-        return Some(format!(
-            "{tool} not found (bash scripts/install-test-deps.sh installs the test tools)"
-        ));
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!(
-            "`ip netns list` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Some(format!("cannot run `ip netns list`: {e}")),
-    }
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
+    netns::missing(
+        &[
+            "ss",
+            "iptables",
+            "iptables-restore",
+            "iptables-save",
+            "setpriv",
+            "curl",
+            "python3",
+            "bash",
+            "timeout",
+        ],
+        "bash scripts/install-test-deps.sh installs the test tools",
     )
 }
 
-/// A network namespace, deleted with everything still running in it when dropped (which also
-/// deletes its end of every veth pair, and so the pair).
-struct Netns {
-    name: String,
-}
-
 impl Netns {
-    fn new(tag: &str) -> Result<Netns, String> {
-        let name = format!("palisade-cap-{}-{tag}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("cannot run `ip netns add`: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("`ip netns add` failed: {}", output_text(&out)));
-        }
-        let ns = Netns { name };
-        ns.must(&["ip", "link", "set", "lo", "up"]);
-        Ok(ns)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd.stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn must(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "in {}: {args:?}: {}",
-            self.name,
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// A long-running process in this namespace, its output in `logs/<name>.log`.
     fn spawn(&self, logs: &Path, name: &str, args: &[&str]) -> Proc {
         let log = logs.join(format!("{name}.log"));
@@ -176,23 +97,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Processes keep a deleted namespace alive: end them first.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// A process, killed when dropped.
 struct Proc {
     child: Child,
@@ -230,9 +134,9 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 
 /// The hub with its bridge, and the two workload namespaces plugged into it.
 fn topology() -> Result<(Netns, Netns, Netns), String> {
-    let hub = Netns::new("hub")?;
-    let client = Netns::new("client")?;
-    let server = Netns::new("server")?;
+    let hub = Netns::new("cap", "hub")?;
+    let client = Netns::new("cap", "client")?;
+    let server = Netns::new("cap", "server")?;
     hub.must(&["ip", "link", "add", "br0", "type", "bridge"]);
     hub.must(&["ip", "addr", "add", &format!("{HUB}/24"), "dev", "br0"]);
     hub.must(&["ip", "link", "set", "br0", "up"]);

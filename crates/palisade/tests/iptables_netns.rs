@@ -13,11 +13,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write as _;
+#[path = "common/netns.rs"]
+mod netns;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use netns::{Netns, output_text, skip};
 
 const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
 
@@ -42,33 +45,9 @@ impl Backend {
     }
 }
 
-/// Says why a test does not run, where `cargo test` shows it (libtest captures only the
-/// `print!` family, not writes to the stderr handle).
-fn skip(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
-}
-
-fn on_path(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
-        .unwrap_or(false)
-}
-
 /// Why these tests cannot run here, if they cannot.
 fn missing(backend: Backend) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or("?");
-    if uid != "0" {
-        return Some(format!(
-            "needs root to create network namespaces (uid is {uid})"
-        ));
-    }
     let tools = [
-        "ip".to_owned(),
         "iptables".to_owned(),
         format!("{}-save", backend.iptables()),
         format!("{}-restore", backend.iptables()),
@@ -78,82 +57,18 @@ fn missing(backend: Backend) -> Option<String> {
         "bash".to_owned(),
         "timeout".to_owned(),
     ];
-    if let Some(tool) = tools.iter().find(|t| !on_path(t)) {
-        return Some(format!(
-            "{tool} not found (bash scripts/install-test-deps.sh installs Debian's iptables)"
-        ));
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!(
-            "`ip netns list` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Some(format!("cannot run `ip netns list`: {e}")),
-    }
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
+    let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
+    netns::missing(
+        &tools,
+        "bash scripts/install-test-deps.sh installs Debian's iptables",
     )
 }
 
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-/// A network namespace, deleted with everything still running in it when dropped.
-struct Netns {
-    name: String,
+fn new_netns(tag: &str) -> Result<Netns, String> {
+    Netns::new("ipt", tag)
 }
 
 impl Netns {
-    fn new(tag: &str) -> Result<Netns, String> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "palisade-ipt-{}-{}-{tag}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = run("ip", &["netns", "add", &name]);
-        if !out.status.success() {
-            return Err(format!("`ip netns add` failed: {}", output_text(&out)));
-        }
-        let ns = Netns { name };
-        ns.must(&["ip", "link", "set", "lo", "up"]);
-        Ok(ns)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd.stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn must(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "in {}: {args:?}: {}",
-            self.name,
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// `palisade iptables ARGS` in this namespace.
     fn palisade(&self, args: &[&str]) -> Output {
         let mut all = vec![PALISADE, "iptables"];
@@ -212,23 +127,6 @@ impl Netns {
             .as_str()
             .map(str::to_owned)
             .ok_or_else(|| format!("no app in {text}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Processes keep a deleted namespace alive: end them first.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -330,8 +228,8 @@ fn assert_installed(saved: &Saved) {
 
 /// The workload's namespace A and its peer B, joined by a veth pair, with IPv4 and IPv6.
 fn workload_and_peer() -> Result<(Netns, Netns), String> {
-    let a = Netns::new("a")?;
-    let b = Netns::new("b")?;
+    let a = new_netns("a")?;
+    let b = new_netns("b")?;
     a.must(&[
         "ip", "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b", "netns", &b.name,
     ]);
@@ -534,7 +432,7 @@ fn a_failure_in_one_family_leaves_both_as_they_were() {
     if let Some(reason) = missing(Backend::Nft) {
         return skip(test, &reason);
     }
-    let a = match Netns::new("fail") {
+    let a = match new_netns("fail") {
         Ok(ns) => ns,
         Err(reason) => return skip(test, &reason),
     };
