@@ -51,6 +51,20 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// What the policy engine sees of this connection as opaque TCP.
+    pub fn tcp_context(&self) -> RequestContext<'_> {
+        RequestContext {
+            port: self.port,
+            destination_ip: Some(self.local_ip),
+            source_ip: Some(self.source.ip()),
+            remote_ip: None,
+            peer_principal: self.principal.as_deref(),
+            sni: self.sni.as_deref(),
+            http: None,
+            jwt: None,
+        }
+    }
+
     /// What the policy engine sees of `req` on this connection (`headers` wraps its headers).
     /// `trusted_proxies`: the mesh's `numTrustedProxies`, for the client address.
     pub fn request_context<'a, B>(
@@ -623,7 +637,7 @@ async fn tcp_decision(
     if !custom.check(shared, cfg, info).await {
         return Outcome::Deny;
     }
-    let ctx = crate::ext_authz::network::tcp_context(info);
+    let ctx = info.tcp_context();
     authorize(cfg, &ctx, false, &shared.rbac_log)
 }
 

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use palisade_policy::{CompiledPolicy, RequestContext};
+use palisade_policy::CompiledPolicy;
 
 use super::grpc::socket_address;
 use super::{Answer, Client, ExtAuthz};
@@ -118,20 +118,6 @@ impl ExtAuthz {
     }
 }
 
-/// What the policy engine sees of a TCP connection.
-pub fn tcp_context(info: &ConnInfo) -> RequestContext<'_> {
-    RequestContext {
-        port: info.port,
-        destination_ip: Some(info.local_ip),
-        source_ip: Some(info.source.ip()),
-        remote_ip: None,
-        peer_principal: info.principal.as_deref(),
-        sni: info.sni.as_deref(),
-        http: None,
-        jwt: None,
-    }
-}
-
 /// The CUSTOM step of one TCP connection, across config versions.
 #[derive(Debug, Default)]
 pub struct ConnectionGate {
@@ -207,7 +193,7 @@ impl ConnectionGate {
 
 /// The providers of the CUSTOM policies that match the connection, in order.
 fn custom_providers(cfg: &ProxyConfig, info: &ConnInfo) -> Vec<String> {
-    let ctx = tcp_context(info);
+    let ctx = info.tcp_context();
     // A TCP connection has no path or method to reject: evaluation does not fail.
     cfg.policy
         .evaluate(&ctx)
