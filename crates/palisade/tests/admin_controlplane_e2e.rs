@@ -17,8 +17,7 @@ mod mesh;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_mesh::{PALISADE, wait_for};
@@ -29,7 +28,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mesh::{Echo, Mesh, Transport, http1};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// One HTTP/1.1 request on a fresh connection: status, head (lowercased), body.
 async fn request(addr: &str, method: &str, target: &str) -> (u16, String, String) {
@@ -221,39 +220,14 @@ fn admin_endpoints_listen_on_loopback_by_default() {
     }
 }
 
-/// Serves `doc` on every path and counts the requests.
-async fn jwks_server(doc: String) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = l.accept().await else {
-                return;
-            };
-            h.fetch_add(1, Ordering::SeqCst);
-            let doc = doc.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
-                    doc.len()
-                );
-                let _ = tcp.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    (port, hits, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_jwks_is_accepted_but_warned_about_once() {
     let rsa_kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let rsa = EncodingKey::from_rsa_pem(rsa_kp.serialize_pem().as_bytes()).unwrap();
     let jwk = Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
-    let (port, hits, _server) = jwks_server(json!({"keys": [jwk]}).to_string()).await;
+    let (addr, hits, _server) =
+        mesh::document_server("127.0.0.1", json!({"keys": [jwk]}).to_string()).await;
+    let port = addr.port();
     let uri = format!("http://127.0.0.1:{port}/keys");
     let files = format!(
         r#"

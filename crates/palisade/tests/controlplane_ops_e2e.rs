@@ -26,8 +26,7 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use mesh::Mesh;
 use palisade_identity::{CertInfo, CertSource, ServerIdentity};
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The value of the sample `name` (with its labels, as rendered) in a Prometheus text body.
 fn sample(body: &str, name: &str) -> Option<f64> {
@@ -41,35 +40,14 @@ async fn scrape(mesh: &Mesh) -> String {
     body
 }
 
-/// Serves a JWKS with one RSA key on every path and counts the requests.
+/// Serves a fresh RSA key set on `ip`; its URL and the count of fetches.
 async fn jwks_server(ip: &str) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let key = EncodingKey::from_rsa_pem(kp.serialize_pem().as_bytes()).unwrap();
     let doc =
         json!({"keys": [Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap()]}).to_string();
-    let l = TcpListener::bind((ip, 0)).await.unwrap();
-    let url = format!("http://{}/keys", l.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = l.accept().await else {
-                return;
-            };
-            h.fetch_add(1, Ordering::SeqCst);
-            let doc = doc.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
-                    doc.len()
-                );
-                let _ = tcp.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    (url, hits, task)
+    let (addr, hits, task) = mesh::document_server(ip, doc).await;
+    (format!("http://{addr}/keys"), hits, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

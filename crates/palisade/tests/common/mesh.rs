@@ -540,3 +540,38 @@ pub async fn h2_get(
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// An HTTP server on `ip` (any free port) answering `doc` to every request, e.g. a JWKS, and
+/// counting the connections it accepted.
+pub async fn document_server(
+    ip: &str,
+    doc: String,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = l.accept().await else {
+                return;
+            };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let doc = doc.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
+                    doc.len()
+                );
+                let _ = tcp.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (addr, hits, task)
+}
