@@ -234,13 +234,14 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8(head).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrades_and_streams_through_a_sidecar_pair() {
-    let files = files(SERVER, CLIENT);
+/// The mesh of `server` and `client`, the application and the server's sidecar in front of it;
+/// the sender that lets the application's second event go, and what the application saw.
+async fn start(server: &str, client: &str) -> (Mesh, mesh::Sidecar, oneshot::Sender<()>, Seen) {
+    let files = files(server, client);
     let mesh = Mesh::start(&[("mesh-files.yaml", &files)]).await;
     let (release_tx, release_rx) = oneshot::channel();
     let (app_port, seen) = app(release_rx).await;
-    let server = mesh
+    let sidecar = mesh
         .sidecar(
             "demo/server",
             "demo",
@@ -248,6 +249,12 @@ async fn upgrades_and_streams_through_a_sidecar_pair() {
             &["--app-port".to_owned(), format!("8080={app_port}")],
         )
         .await;
+    (mesh, sidecar, release_tx, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_and_streams_through_a_sidecar_pair() {
+    let (mesh, server, release_tx, seen) = start(SERVER, CLIENT).await;
     let client = mesh.sidecar("demo/client", "demo", "client", &[]).await;
     let decisions = || server.stat("palisade_rbac_decisions_total", &[]);
 
@@ -418,18 +425,7 @@ async fn upgrades_and_streams_through_a_sidecar_pair() {
 /// HTTP and authorized as such, and a denied one never reaches the application.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_opens_no_tunnel() {
-    let files = files(REFUSED_SERVER, REFUSED_CLIENT);
-    let mesh = Mesh::start(&[("mesh-files.yaml", &files)]).await;
-    let (_release_tx, release_rx) = oneshot::channel();
-    let (app_port, seen) = app(release_rx).await;
-    let server = mesh
-        .sidecar(
-            "demo/server",
-            "demo",
-            "server",
-            &["--app-port".to_owned(), format!("8080={app_port}")],
-        )
-        .await;
+    let (mesh, server, _release_tx, seen) = start(REFUSED_SERVER, REFUSED_CLIENT).await;
     let t = Transport::mtls(
         mesh.cert("demo", "client"),
         "spiffe://cluster.local/ns/demo/sa/server",
