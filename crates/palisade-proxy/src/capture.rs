@@ -308,8 +308,12 @@ async fn outbound(shared: &Arc<Shared>, tcp: TcpStream, dst: SocketAddr, loops: 
                     splice_to(shared, &mut stream, &up).await;
                 }
                 Some((protocol, stream)) => {
-                    serve_app_http(Arc::clone(shared), stream, protocol, Target::Captured(dst))
-                        .await;
+                    // An address and port always make an authority.
+                    let Ok(authority) = http::uri::Authority::try_from(dst.to_string()) else {
+                        return;
+                    };
+                    let target = Target::Captured(authority);
+                    serve_app_http(Arc::clone(shared), stream, protocol, target).await;
                 }
                 None => {}
             }

@@ -231,8 +231,9 @@ pub(crate) enum Target {
     /// The outbound proxy listener: each request names its destination (absolute URI or Host).
     Proxy,
     /// A captured connection to a mesh destination: every request goes to its original
-    /// destination, whatever its Host says (the destination's sidecar authorizes that Host).
-    Captured(SocketAddr),
+    /// destination (as an authority, made once per connection), whatever its Host says (the
+    /// destination's sidecar authorizes that Host).
+    Captured(http::uri::Authority),
     /// A captured connection nothing may receive (`REGISTRY_ONLY`): 502, as Envoy's
     /// `BlackHoleCluster` answers.
     BlackHole,
@@ -253,8 +254,8 @@ pub(crate) async fn serve_app_http(
         async move {
             let resp = match target {
                 Target::Proxy => request(&shared, req, unguard::<AppConn>).await,
-                Target::Captured(dst) => {
-                    captured_request(&shared, req, unguard::<AppConn>, dst).await
+                Target::Captured(authority) => {
+                    captured_request(&shared, req, unguard::<AppConn>, authority).await
                 }
                 Target::BlackHole => {
                     text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n")
@@ -330,12 +331,9 @@ async fn captured_request(
     shared: &Shared,
     mut req: Request<Incoming>,
     unwrap: Unwrap,
-    dst: SocketAddr,
+    authority: http::uri::Authority,
 ) -> Response<Body> {
     let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
-    let Ok(authority) = http::uri::Authority::try_from(dst.to_string()) else {
-        return text_response(StatusCode::BAD_GATEWAY, "no route to the destination\n");
-    };
     // HTTP/2 carries the name in `:authority`.
     let host = req
         .uri()
