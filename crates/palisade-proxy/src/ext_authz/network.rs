@@ -146,7 +146,11 @@ impl ConnectionGate {
         if cfg.policy.providers().is_empty() {
             return true;
         }
-        let names = custom_providers(cfg, info);
+        let Some(names) = custom_providers(cfg, info) else {
+            // Not expected for TCP; whatever it is, the connection is not let through.
+            tracing::info!(target: "palisade::rbac", port = info.port, source = %info.source, "TCP connection closed: its CUSTOM step could not be evaluated");
+            return false;
+        };
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let pending = self.pending(&refs);
         if pending.is_empty() {
@@ -191,14 +195,14 @@ impl ConnectionGate {
     }
 }
 
-/// The providers of the CUSTOM policies that match the connection, in order.
-fn custom_providers(cfg: &ProxyConfig, info: &ConnInfo) -> Vec<String> {
+/// The providers of the CUSTOM policies that match the connection, in order; `None` when the
+/// connection cannot be evaluated (fail closed, never "no provider applies").
+fn custom_providers(cfg: &ProxyConfig, info: &ConnInfo) -> Option<Vec<String>> {
     let ctx = info.tcp_context();
-    // A TCP connection has no path or method to reject: evaluation does not fail.
     cfg.policy
         .evaluate(&ctx)
+        .ok()
         .map(|v| v.custom.iter().map(|s| (*s).to_owned()).collect())
-        .unwrap_or_default()
 }
 
 /// Says, once per installed config, which CUSTOM policies TCP connections are not sent to.
