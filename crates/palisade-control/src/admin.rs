@@ -1,6 +1,7 @@
 //! The control plane's admin endpoint (HTTP/1.1, loopback by default, istiod's monitoring port
 //! 15014): `GET /metrics` (also `/stats/prometheus`) in the Prometheus text format, with the
-//! CA's `palisade_ca_*` and the config side's `palisade_control_*` (see [`crate::metrics`]).
+//! CA's `palisade_ca_*` and the config side's `palisade_control_*` (see [`crate::metrics`]);
+//! `GET /debug/syncz`: the connected proxies as JSON (see [`crate::proxies`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 #[derive(Clone)]
 pub struct AdminServer {
     registry: Arc<Registry>,
+    proxies: crate::ProxyRegistry,
 }
 
 impl std::fmt::Debug for AdminServer {
@@ -41,7 +43,16 @@ fn respond(
 
 impl AdminServer {
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            proxies: crate::ProxyRegistry::new(),
+        }
+    }
+
+    /// Serves `proxies` on `/debug/syncz`.
+    pub fn with_proxies(mut self, proxies: crate::ProxyRegistry) -> Self {
+        self.proxies = proxies;
+        self
     }
 
     /// Answers one request.
@@ -62,10 +73,18 @@ impl AdminServer {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 crate::metrics::render(&self.registry),
             ),
+            "/debug/syncz" => match serde_json::to_vec_pretty(&self.proxies.list()) {
+                Ok(body) => respond(StatusCode::OK, "application/json", body),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /metrics\n",
+                "not found; try /metrics or /debug/syncz\n",
             ),
         }
     }

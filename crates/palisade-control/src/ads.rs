@@ -1,10 +1,15 @@
-//! The ADS server: `envoy.service.discovery.v3.AggregatedDiscoveryService` over mutual TLS,
-//! serving [`crate::wire::WORKLOAD_CONFIG_TYPE_URL`] resources from the snapshot cache.
+//! The ADS server: `envoy.service.discovery.v3.AggregatedDiscoveryService` over mutual TLS.
+//! The first request tells the two kinds of proxy apart:
+//! - Palisade's sidecar subscribes to [`crate::wire::WORKLOAD_CONFIG_TYPE_URL`] by workload
+//!   name and is served from the snapshot cache;
+//! - an Envoy subscribes to listeners and clusters (wildcard) and names its workload in its
+//!   node; it is served the translation of that workload's config ([`crate::envoy`]).
 //!
-//! The proxy authenticates with its SVID. A stream may only subscribe to the WorkloadEntries
+//! The proxy authenticates with its SVID. A stream may only read the config of WorkloadEntries
 //! whose namespace and service account are those of the client certificate's SPIFFE ID, so a
 //! compromised workload cannot read another workload's policy; other names end the stream with
-//! `PERMISSION_DENIED` (first request) or `NOT_FOUND` (later requests).
+//! `PERMISSION_DENIED` (first request) or `NOT_FOUND` (later requests). Every stream is listed
+//! in the [`ProxyRegistry`] (kind, versions pushed and ACKed, the last NACK).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -15,18 +20,18 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use palisade_identity::{CertSource, ClientAuth, SpiffeId, TrustBundle};
 use palisade_policy::MeshSnapshot;
-use palisade_xds::{
-    NamePolicy, NoObserver, ResponseStream, SnapshotCache, StreamObserver, StreamOptions,
-};
+use palisade_xds::{NamePolicy, NoObserver, SnapshotCache, StreamObserver, StreamOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::envoy::EnvoyNode;
+use crate::proxies::{ProxyKind, ProxyRegistry};
 use crate::wire::WORKLOAD_CONFIG_TYPE_URL;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +54,8 @@ pub struct AdsServer {
     status: Option<watch::Receiver<Arc<crate::ConfigStatus>>>,
     /// Sees every stream: pushes, NACKs, open streams (metrics).
     observer: Arc<dyn StreamObserver>,
+    metrics: crate::ControlMetrics,
+    proxies: ProxyRegistry,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -69,12 +76,21 @@ impl AdsServer {
             mesh,
             status: None,
             observer: Arc::new(NoObserver),
+            metrics: crate::ControlMetrics::default(),
+            proxies: ProxyRegistry::new(),
         }
     }
 
     /// Counts pushes, NACKs and connected proxies in `metrics`.
     pub fn with_metrics(mut self, metrics: crate::metrics::ControlMetrics) -> Self {
-        self.observer = Arc::new(metrics);
+        self.observer = Arc::new(metrics.clone());
+        self.metrics = metrics;
+        self
+    }
+
+    /// Lists every stream in `proxies` (shared with the admin endpoint's `/debug/syncz`).
+    pub fn with_proxies(mut self, proxies: ProxyRegistry) -> Self {
+        self.proxies = proxies;
         self
     }
 
@@ -154,7 +170,7 @@ async fn accept_loop(
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream;
+    type StreamAggregatedResourcesStream = AdsResponses;
     type DeltaAggregatedResourcesStream =
         tokio_stream::Empty<Result<DeltaDiscoveryResponse, Status>>;
 
@@ -183,6 +199,10 @@ impl AggregatedDiscoveryService for AdsServer {
             Some(first) => first,
             None => return Err(Status::cancelled("stream closed before its first request")),
         };
+        let remote = peer.and_then(|p| p.remote_addr).map(|a| a.to_string());
+        if crate::envoy::is_envoy_type(&first.type_url) {
+            return self.serve_envoy(id, remote, allowed, first, requests);
+        }
         if let Some(name) = first.resource_names.iter().find(|n| !allowed.contains(*n)) {
             tracing::warn!(%id, workload = %name, "ADS subscription refused: identity does not match the workload");
             return Err(Status::permission_denied(format!(
@@ -191,19 +211,26 @@ impl AggregatedDiscoveryService for AdsServer {
         }
         tracing::info!(
             %id,
-            remote = ?peer.and_then(|p| p.remote_addr),
+            ?remote,
             workloads = ?first.resource_names,
             "ADS stream opened"
+        );
+        let status = self.proxies.register(
+            ProxyKind::Palisade,
+            &first.resource_names.join(","),
+            &id.to_string(),
+            remote,
+            Arc::clone(&self.observer),
         );
         let options =
             StreamOptions::new().serve(WORKLOAD_CONFIG_TYPE_URL, NamePolicy::Known(allowed));
         let stream = tokio_stream::once(Ok(first)).chain(requests);
-        Ok(Response::new(palisade_xds::serve_stream(
+        Ok(Response::new(Box::pin(palisade_xds::serve_stream(
             stream,
             self.cache.subscribe(),
             Arc::new(options),
-            Arc::clone(&self.observer),
-        )))
+            status,
+        ))))
     }
 
     async fn delta_aggregated_resources(
@@ -211,7 +238,80 @@ impl AggregatedDiscoveryService for AdsServer {
         _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Err(Status::unimplemented(
-            "delta ADS is not supported; use StreamAggregatedResources",
+            "delta ADS is not supported; use StreamAggregatedResources (Envoy: ads_config.api_type GRPC, as `palisade envoy bootstrap` writes it)",
         ))
+    }
+}
+
+/// The responses of one ADS stream; for an Envoy, the stream also owns the task that
+/// translates its config (aborted when the stream is dropped).
+pub type AdsResponses =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl AdsServer {
+    /// An Envoy's stream: its node names the workload, the identity must match it, and it gets
+    /// its own cache of listeners and clusters translated from that workload's config.
+    fn serve_envoy(
+        &self,
+        id: SpiffeId,
+        remote: Option<String>,
+        allowed: BTreeSet<String>,
+        first: DiscoveryRequest,
+        requests: Streaming<DiscoveryRequest>,
+    ) -> Result<Response<AdsResponses>, Status> {
+        let node = EnvoyNode::from_node(first.node.as_ref()).map_err(|e| {
+            tracing::warn!(%id, error = %e, "Envoy ADS subscription refused");
+            Status::invalid_argument(e.to_string())
+        })?;
+        if !allowed.contains(&node.workload) {
+            tracing::warn!(%id, workload = %node.workload, "Envoy ADS subscription refused: identity does not match the workload");
+            return Err(Status::permission_denied(format!(
+                "{id} may not read the config of workload {:?} (namespace and service account must match the certificate)",
+                node.workload
+            )));
+        }
+        tracing::info!(%id, ?remote, workload = %node.workload, app_ports = ?node.app_ports, "Envoy ADS stream opened");
+        let status = self.proxies.register(
+            ProxyKind::Envoy,
+            &node.workload,
+            &id.to_string(),
+            remote,
+            Arc::clone(&self.observer),
+        );
+        let out = Arc::new(SnapshotCache::new());
+        let translator = crate::envoy::spawn_translator(
+            self.cache.subscribe(),
+            node,
+            Arc::clone(&out),
+            Arc::clone(&status),
+            self.metrics.clone(),
+        );
+        let options = StreamOptions::new()
+            .serve(crate::envoy::cluster_type_url(), NamePolicy::Any)
+            .serve(crate::envoy::listener_type_url(), NamePolicy::Any)
+            .allow_wildcard(true);
+        // Envoy may spell a wildcard subscription as "*" (the newer form) or as no names.
+        let stream = tokio_stream::once(Ok(first)).chain(requests).map(|r| {
+            r.map(|mut req| {
+                req.resource_names.retain(|n| n != "*");
+                req
+            })
+        });
+        let responses =
+            palisade_xds::serve_stream(stream, out.subscribe(), Arc::new(options), status);
+        let guard = AbortOnDrop(translator);
+        Ok(Response::new(Box::pin(responses.map(move |r| {
+            let _ = &guard;
+            r
+        }))))
     }
 }

@@ -12,6 +12,10 @@
 //! - [`ads`]: [`ads::AdsServer`], `AggregatedDiscoveryService/StreamAggregatedResources` over
 //!   mutual TLS: a proxy only gets the config of workloads whose namespace and service account
 //!   are those of its certificate.
+//! - [`envoy`]: Envoy sidecars on the same ADS port: the node names the workload, its config is
+//!   translated into listeners and clusters (`palisade-envoy`) and pushed when it changes.
+//! - [`proxies`]: the connected proxies and how far each has got (pushed, ACKed, NACKed),
+//!   served on the admin endpoint's `/debug/syncz`.
 //! - [`serving`]: the ADS serving certificate, re-issued by the control plane's CA at half-life.
 //! - [`metrics`], [`admin`]: the config side's Prometheus metrics and the admin endpoint that
 //!   serves them (with the CA's) on `/metrics`.
@@ -19,8 +23,10 @@
 pub mod admin;
 pub mod ads;
 pub mod compute;
+pub mod envoy;
 pub mod jwks;
 pub mod metrics;
+pub mod proxies;
 pub mod serving;
 pub mod watch;
 pub mod wire;
@@ -29,5 +35,6 @@ pub use admin::AdminServer;
 pub use ads::{AdsError, AdsServer};
 pub use compute::{workload_config, workload_resources};
 pub use metrics::ControlMetrics;
+pub use proxies::{ProxyKind, ProxyRegistry, ProxySync};
 pub use watch::{ConfigStatus, ConfigWatcher, WatchError};
 pub use wire::{WORKLOAD_CONFIG_TYPE_URL, WorkloadConfig};

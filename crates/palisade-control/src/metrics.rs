@@ -7,6 +7,7 @@
 //! | `palisade_control_config_nacks_total` | counter | responses a proxy rejected (NACK) |
 //! | `palisade_control_connected_proxies` | gauge | open ADS streams |
 //! | `palisade_control_jwks_fetches_total{result}` | counter | JWKS fetches, `result="success"` or `"failure"` |
+//! | `palisade_control_envoy_translation_errors_total` | counter | Envoy configs that could not be generated (not pushed; the Envoy keeps its last good config) |
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use palisade_xds::{RequestKind, RequestOutcome};
@@ -30,6 +31,7 @@ pub struct ControlMetrics {
     pub config_nacks: Counter,
     pub connected_proxies: Gauge,
     pub jwks_fetches: Family<ResultLabel, Counter>,
+    pub envoy_translation_errors: Counter,
 }
 
 impl ControlMetrics {
@@ -56,6 +58,11 @@ impl ControlMetrics {
             "jwks_fetches",
             "JWKS fetches for RequestAuthentication rules, by result",
             m.jwks_fetches.clone(),
+        );
+        sub.register(
+            "envoy_translation_errors",
+            "Envoy configs that could not be generated from the mesh config (not pushed)",
+            m.envoy_translation_errors.clone(),
         );
         m
     }

@@ -9,12 +9,15 @@
 //! - [`jwt`]: RequestAuthentication to `jwt_authn` (before the RBAC filters), as istiod's
 //!   `pilot/pkg/security/authn` builds it.
 //! - [`json`]: Envoy's config-dump JSON of the resources this crate emits.
+//! - [`bootstrap`]: an Envoy sidecar's bootstrap: ADS to the control plane over mutual TLS,
+//!   certificates over SDS from the workload's agent.
 //!
 //! What is not translated yet (CUSTOM / `ext_authz`, `jwksUri` rules without keys resolved
 //! inline, the outbound side) is refused with a [`TranslateError`] naming the resource and
 //! field, never dropped: a silently missing rule would let traffic through that Palisade's
 //! sidecar refuses.
 
+pub mod bootstrap;
 pub mod inbound;
 pub mod json;
 pub mod jwt;

@@ -202,8 +202,13 @@ impl ServerTypeState {
         if !(self.owed || changed) {
             return None;
         }
-        if selected.is_empty() && !self.names.is_empty() && self.sent.is_empty() {
-            // Nothing of what was asked for exists yet and the client holds nothing of it.
+        if selected.is_empty()
+            && self.sent.is_empty()
+            && (!self.names.is_empty() || snapshot.get_type(&self.type_url).is_none())
+        {
+            // Nothing of what was asked for exists yet and the client holds nothing of it; for
+            // a wildcard subscription, the type was never published (an empty answer would
+            // tell the client that it has no resources, and e.g. Envoy would go live empty).
             return None;
         }
         let resources = selected
@@ -429,8 +434,14 @@ mod tests {
                 ],
             ),
             (
-                "wildcard with nothing yet answers empty",
-                vec![Req(rq(&[], "", "", None), initial("")), Respond(Some(&[]))],
+                "wildcard waits until the type is published, then answers even if empty",
+                vec![
+                    Req(rq(&[], "", "", None), initial("")),
+                    Respond(None),
+                    Set("a", b"1"),
+                    Remove("a"),
+                    Respond(Some(&[])),
+                ],
             ),
             (
                 "removal of a named resource is pushed as an empty response",

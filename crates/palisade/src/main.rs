@@ -40,6 +40,10 @@ enum Command {
     Proxy(cmd::proxy::Args),
     /// Run a workload's agent and proxy in one process.
     Sidecar(cmd::sidecar::Args),
+    /// Envoy as a workload's sidecar: its bootstrap (ADS from the control plane, SDS from the
+    /// agent).
+    #[command(subcommand)]
+    Envoy(cmd::envoy::Command),
     /// Show what a running proxy or agent holds.
     #[command(subcommand, name = "proxy-config")]
     ProxyConfig(cmd::proxy_config::Command),
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => cmd::agent::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
             Command::Sidecar(args) => cmd::sidecar::run(args).await,
+            Command::Envoy(c) => cmd::envoy::run(c).await,
             Command::ProxyConfig(c) => cmd::proxy_config::run(c).await,
             Command::Authz(c) => cmd::authz::run(c).await,
             Command::Describe(c) => cmd::describe::run(c).await,

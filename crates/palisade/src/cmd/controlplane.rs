@@ -98,6 +98,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     println!("palisade controlplane: CA listening on {addr}");
 
     // Config push: kept alive (the watcher and the ADS tasks) until the CA stops.
+    let proxies = palisade_control::ProxyRegistry::new();
     let _config = match &args.config {
         Some(dir) => Some(
             start_config_push(
@@ -107,6 +108,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
                 args.xds_listen,
                 args.xds_cert_ttl,
                 metrics,
+                proxies.clone(),
             )
             .await?,
         ),
@@ -118,9 +120,11 @@ pub async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding the admin endpoint {}", args.admin))?;
     let admin_addr = admin.local_addr()?;
     tokio::spawn(
-        palisade_control::AdminServer::new(Arc::new(registry)).serve(admin, std::future::pending()),
+        palisade_control::AdminServer::new(Arc::new(registry))
+            .with_proxies(proxies)
+            .serve(admin, std::future::pending()),
     );
-    tracing::info!(addr = %admin_addr, "admin listening (/metrics)");
+    tracing::info!(addr = %admin_addr, "admin listening (/metrics, /debug/syncz)");
     println!("palisade controlplane: admin listening on {admin_addr}");
 
     server.serve(listener, shutdown_signal()).await?;
@@ -145,6 +149,7 @@ async fn start_config_push(
     listen: SocketAddr,
     cert_ttl: Duration,
     metrics: palisade_control::ControlMetrics,
+    proxies: palisade_control::ProxyRegistry,
 ) -> anyhow::Result<ConfigPush> {
     let cache = Arc::new(palisade_xds::SnapshotCache::new());
     // JWKS keys of RequestAuthentications are fetched here and pushed inline to proxies, with
@@ -167,7 +172,8 @@ async fn start_config_push(
     let addr = listener.local_addr()?;
     let ads = palisade_control::AdsServer::new(cache, watcher.snapshots())
         .with_status(watcher.status())
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .with_proxies(proxies);
     let bundle = server.trust_bundle().clone();
     let task = tokio::spawn(async move {
         let cert = palisade_identity::CertSource::from(cert);

@@ -8,6 +8,7 @@ pub mod cert;
 pub mod controlplane;
 pub mod describe;
 pub mod echo;
+pub mod envoy;
 pub mod ext_authz;
 pub mod iptables;
 pub mod proxy;

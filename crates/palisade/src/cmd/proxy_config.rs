@@ -29,7 +29,7 @@ pub struct EnvoyArgs {
     pub app_ports: Vec<(u16, u16)>,
 }
 
-fn parse_app_port(s: &str) -> Result<(u16, u16), String> {
+pub(crate) fn parse_app_port(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('=').ok_or("expected PORT=APPPORT")?;
     let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x:?}: {e}"));
     Ok((p(a)?, p(b)?))

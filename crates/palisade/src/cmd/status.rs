@@ -5,12 +5,17 @@
 //! "In sync" compares the config the sidecar holds with the config computed from the mesh
 //! directory as it is on disk, so an edit that the control plane rejected (invalid) shows as
 //! the mesh directory being invalid, not as every sidecar being stale.
+//!
+//! Then the control plane's own view (its admin endpoint's `/debug/syncz`): every proxy with an
+//! ADS stream, Palisade's sidecars and Envoys alike, with the version pushed, the version
+//! ACKed, the last NACK (Envoy's own words) and any config that could not be generated.
+//! `palisade status --control-plane-admin ADDR` shows only that, for a mesh not run by `up`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use palisade_control::WorkloadConfig;
+use palisade_control::{ProxyKind, ProxySync, WorkloadConfig};
 use serde_json::Value;
 
 use super::up::{STATE_FILE, UpState, default_state_dir, print_table};
@@ -18,8 +23,11 @@ use super::up::{STATE_FILE, UpState, default_state_dir, print_table};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The mesh directory given to `palisade up` (its state directory is derived from it).
-    #[arg(value_name = "DIR", conflicts_with = "state")]
+    #[arg(value_name = "DIR", conflicts_with_all = ["state", "control_plane_admin"])]
     pub dir: Option<PathBuf>,
+    /// Only the proxies connected to this control plane (its `--admin` address).
+    #[arg(long, value_name = "ADDR", conflicts_with = "state")]
+    pub control_plane_admin: Option<String>,
     /// The state directory given to `palisade up --state`.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
@@ -42,7 +50,84 @@ struct Row {
     error: Option<String>,
 }
 
+/// The control plane's `/debug/syncz`.
+async fn connected_proxies(admin: &str) -> anyhow::Result<Vec<ProxySync>> {
+    let (status, body) = super::echo::http_get(admin, "/debug/syncz")
+        .await
+        .with_context(|| format!("cannot reach the control plane's admin endpoint {admin}"))?;
+    anyhow::ensure!(
+        status == 200,
+        "{admin}/debug/syncz answered {status}: {body}"
+    );
+    serde_json::from_str(&body).with_context(|| format!("parsing {admin}/debug/syncz"))
+}
+
+fn print_proxies(proxies: &[ProxySync]) {
+    let short = |t: &str| t.rsplit('.').next().unwrap_or(t).to_owned();
+    let mut table = Vec::new();
+    for p in proxies {
+        let kind = match p.kind {
+            ProxyKind::Palisade => "palisade",
+            ProxyKind::Envoy => "envoy",
+        };
+        let mut sync: Vec<String> = p
+            .types
+            .iter()
+            .map(|(t, s)| {
+                format!(
+                    "{} pushed {} acked {}",
+                    short(t),
+                    s.pushed_version.as_deref().unwrap_or("-"),
+                    s.acked_version.as_deref().unwrap_or("-")
+                )
+            })
+            .collect();
+        if sync.is_empty() {
+            sync.push("nothing pushed yet".into());
+        }
+        let problem = p
+            .translate_error
+            .as_ref()
+            .map(|e| format!("NOT GENERATED: {e}"))
+            .or_else(|| {
+                p.types.iter().find_map(|(t, s)| {
+                    Some(format!("NACK {}: {}", short(t), s.last_nack.as_ref()?))
+                })
+            })
+            .unwrap_or_else(|| {
+                if p.in_sync() {
+                    "in sync".into()
+                } else {
+                    "pushing".into()
+                }
+            });
+        table.push([
+            p.workload.clone(),
+            kind.to_owned(),
+            sync.join("; "),
+            problem,
+            p.remote.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&["WORKLOAD", "PROXY", "XDS", "STATE", "FROM"], &table);
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(admin) = &args.control_plane_admin {
+        let proxies = connected_proxies(admin).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&proxies)?);
+        } else if proxies.is_empty() {
+            println!("no proxy is connected to the control plane at {admin}");
+        } else {
+            print_proxies(&proxies);
+        }
+        return Ok(if proxies.iter().all(ProxySync::in_sync) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     let state = match (&args.state, &args.dir) {
         (Some(s), _) => s.clone(),
         (None, Some(d)) => default_state_dir(d),
@@ -74,15 +159,24 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         rows.push(workload_row(&w.workload, &w.admin, expected.as_ref()).await);
     }
 
+    // What the control plane says of every ADS stream (older `up` states have no admin).
+    let proxies = match &up.controlplane_admin {
+        Some(admin) if control_plane_up => connected_proxies(admin).await.ok(),
+        _ => None,
+    };
     let healthy = control_plane_up
         && snapshot.is_ok()
-        && rows.iter().all(|r| r.ready && r.in_sync == Some(true));
+        && rows.iter().all(|r| r.ready && r.in_sync == Some(true))
+        && proxies
+            .as_ref()
+            .is_none_or(|ps| ps.iter().all(ProxySync::in_sync));
     if args.json {
         let doc = serde_json::json!({
             "dir": up.dir,
             "controlPlane": { "ca": up.ca, "xds": up.xds, "up": control_plane_up },
             "meshDirectoryValid": snapshot.is_ok(),
             "workloads": rows,
+            "proxies": proxies,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -129,6 +223,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             ],
             &table,
         );
+        if let Some(proxies) = &proxies {
+            println!();
+            println!("connected to the control plane:");
+            print_proxies(proxies);
+        }
     }
     Ok(if healthy {
         ExitCode::SUCCESS
