@@ -4,7 +4,9 @@
 //! An Envoy names its workload in its node: metadata `PALISADE_WORKLOAD` (`namespace/name`, as
 //! `palisade envoy bootstrap` writes it) or else an Istio-style node id
 //! `sidecar~IP~NAME.NAMESPACE~...`; metadata `PALISADE_APP_PORTS` (`PORT=APPPORT,...`) says
-//! where its application listens. Each Envoy stream gets its own [`SnapshotCache`] of
+//! where its application listens, `PALISADE_OUTBOUND` (`IP:PORT`) where the application's
+//! HTTP proxy listener goes and `PALISADE_TCP_UPSTREAMS` (`LISTEN=HOST:PORT,...`) its declared
+//! TCP upstreams. Each Envoy stream gets its own [`SnapshotCache`] of
 //! listeners and clusters, fed by a task that re-translates ([`palisade_envoy`]) whenever the
 //! workload's own config changes in the control plane's cache, so a policy edit reaches exactly
 //! the Envoys whose config it changes. An input the translator refuses is logged with the
@@ -12,6 +14,7 @@
 //! Envoy keeps its last good config, and no config Envoy would NACK is sent in a loop.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -19,6 +22,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::google::protobuf::{Struct, value};
 use envoy_types::util::pack_any;
+use palisade_envoy::outbound::{OutboundOptions, TcpUpstream};
 use palisade_envoy::{EnvoyResources, json};
 use palisade_xds::{Change, Snapshot, SnapshotCache};
 use prost::Name as _;
@@ -31,6 +35,10 @@ use crate::wire::WORKLOAD_CONFIG_TYPE_URL;
 pub const WORKLOAD_METADATA: &str = "PALISADE_WORKLOAD";
 /// Node metadata key giving application ports (`PORT=APPPORT,...`).
 pub const APP_PORTS_METADATA: &str = "PALISADE_APP_PORTS";
+/// Node metadata key giving the outbound HTTP proxy listener (`IP:PORT`).
+pub const OUTBOUND_METADATA: &str = "PALISADE_OUTBOUND";
+/// Node metadata key giving TCP upstreams (`LISTEN=HOST:PORT,...`).
+pub const TCP_UPSTREAMS_METADATA: &str = "PALISADE_TCP_UPSTREAMS";
 
 /// The type URL of Envoy's listeners (LDS).
 pub fn listener_type_url() -> String {
@@ -67,6 +75,8 @@ pub struct EnvoyNode {
     pub workload: String,
     /// Workload port to application port.
     pub app_ports: BTreeMap<u16, u16>,
+    /// The application's side.
+    pub outbound: OutboundOptions,
 }
 
 fn metadata_string<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a str> {
@@ -106,9 +116,26 @@ impl EnvoyNode {
             })?,
             None => BTreeMap::new(),
         };
+        let http = match metadata_string(meta, OUTBOUND_METADATA).map(str::trim) {
+            Some(a) if !a.is_empty() => {
+                Some(a.parse::<SocketAddr>().map_err(|e| NodeError::Metadata {
+                    key: OUTBOUND_METADATA,
+                    reason: format!("{a:?}: {e}"),
+                })?)
+            }
+            _ => None,
+        };
+        let tcp = match metadata_string(meta, TCP_UPSTREAMS_METADATA) {
+            Some(s) => parse_tcp_upstreams(s).map_err(|reason| NodeError::Metadata {
+                key: TCP_UPSTREAMS_METADATA,
+                reason,
+            })?,
+            None => Vec::new(),
+        };
         Ok(Self {
             workload,
             app_ports,
+            outbound: OutboundOptions { http, tcp },
         })
     }
 }
@@ -143,13 +170,39 @@ pub fn parse_app_ports(s: &str) -> Result<BTreeMap<u16, u16>, String> {
     Ok(out)
 }
 
+/// `127.0.0.1:15432=db.apps.svc:5432,...` (empty: none).
+pub fn parse_tcp_upstreams(s: &str) -> Result<Vec<TcpUpstream>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (listen, target) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not LISTEN=HOST:PORT"))?;
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|e| format!("{listen:?} in {item:?}: {e}"))?;
+        let (host, port) = target
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p != 0)?)))
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| format!("{target:?} in {item:?} is not HOST:PORT"))?;
+        out.push(TcpUpstream {
+            listen,
+            host: host.to_ascii_lowercase(),
+            port,
+        });
+    }
+    Ok(out)
+}
+
 /// The writes that turn `previous` (what the last translation published) into `resources`.
 ///
 /// Resources are compared by content, not by bytes: prost encodes map fields (RBAC's
 /// `policies`, metadata) in hash order, also inside the `Any`s of filters, so the same config
 /// encodes differently each time, and a byte comparison would push configs that did not change.
-/// Content is Envoy's JSON of the resource ([`palisade_envoy::json`], keys sorted); a resource
-/// with a part that printer does not know counts as changed.
+/// Content is Envoy's JSON of the resource ([`palisade_envoy::json`], keys sorted; a resource
+/// with a part that printer does not know counts as changed) and, for what the printer may not
+/// show, the multiset of the encoded bytes (reordering map entries permutes bytes, at any
+/// depth, so it leaves that unchanged).
 fn changes(resources: &EnvoyResources, previous: Option<&EnvoyResources>) -> Vec<Change> {
     let (lds, cds) = (listener_type_url(), cluster_type_url());
     let mut out = Vec::new();
@@ -160,9 +213,9 @@ fn changes(resources: &EnvoyResources, previous: Option<&EnvoyResources>) -> Vec
         .map(|p| p.clusters.iter().map(|c| (c.name.as_str(), c)).collect())
         .unwrap_or_default();
     for l in &resources.listeners {
-        let same = old_listeners
-            .get(l.name.as_str())
-            .is_some_and(|old| same_content(&json::listener(old), &json::listener(l)));
+        let same = old_listeners.get(l.name.as_str()).is_some_and(|old| {
+            same_content(&json::listener(old), &json::listener(l)) && same_bytes(*old, l)
+        });
         if !same {
             out.push(Change::Set {
                 type_url: lds.clone(),
@@ -172,9 +225,9 @@ fn changes(resources: &EnvoyResources, previous: Option<&EnvoyResources>) -> Vec
         }
     }
     for c in &resources.clusters {
-        let same = old_clusters
-            .get(c.name.as_str())
-            .is_some_and(|old| same_content(&json::cluster(old), &json::cluster(c)));
+        let same = old_clusters.get(c.name.as_str()).is_some_and(|old| {
+            same_content(&json::cluster(old), &json::cluster(c)) && same_bytes(*old, c)
+        });
         if !same {
             out.push(Change::Set {
                 type_url: cds.clone(),
@@ -206,6 +259,17 @@ fn changes(resources: &EnvoyResources, previous: Option<&EnvoyResources>) -> Vec
 
 fn same_content(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     a == b && !a.to_string().contains(json::UNPRINTED)
+}
+
+fn same_bytes<M: prost::Message>(a: &M, b: &M) -> bool {
+    let histogram = |m: &M| {
+        let mut h = [0u32; 256];
+        for byte in m.encode_to_vec() {
+            h[usize::from(byte)] += 1;
+        }
+        h
+    };
+    histogram(a) == histogram(b)
 }
 
 /// Translates `node`'s workload config from `configs` into `out`, now and on every change of
@@ -266,8 +330,15 @@ impl Translator {
         let translated = crate::wire::from_any(&resource.body)
             .map_err(|e| format!("workload config of {key}: {e}"))
             .and_then(|config| {
-                palisade_envoy::translate_inbound(&config, &self.node.app_ports)
-                    .map_err(|e| e.to_string())
+                let mut resources =
+                    palisade_envoy::translate_inbound(&config, &self.node.app_ports)
+                        .map_err(|e| e.to_string())?;
+                let (listeners, clusters) =
+                    palisade_envoy::outbound::translate_outbound(&config, &self.node.outbound)
+                        .map_err(|e| e.to_string())?;
+                resources.listeners.extend(listeners);
+                resources.clusters.extend(clusters);
+                Ok(resources)
             });
         match translated {
             Ok(resources) => {
@@ -361,6 +432,25 @@ mod tests {
     #[test]
     fn reads_the_workload_and_app_ports_from_the_node() {
         let ok = |n: Node| EnvoyNode::from_node(Some(&n)).map(|e| (e.workload, e.app_ports));
+        let outbound = EnvoyNode::from_node(Some(&node(
+            "x",
+            &[
+                (WORKLOAD_METADATA, "demo/web"),
+                (OUTBOUND_METADATA, "127.0.0.1:15001"),
+                (TCP_UPSTREAMS_METADATA, "127.0.0.1:15432=DB.demo.svc:5432"),
+            ],
+        )))
+        .unwrap()
+        .outbound;
+        assert_eq!(outbound.http, Some("127.0.0.1:15001".parse().unwrap()));
+        assert_eq!(
+            outbound.tcp,
+            vec![TcpUpstream {
+                listen: "127.0.0.1:15432".parse().unwrap(),
+                host: "db.demo.svc".into(),
+                port: 5432
+            }]
+        );
         let ports = |v: &[(u16, u16)]| v.iter().copied().collect::<BTreeMap<_, _>>();
         assert_eq!(
             ok(node(
@@ -388,6 +478,23 @@ mod tests {
                 &[(WORKLOAD_METADATA, "a/b"), (APP_PORTS_METADATA, "80=0")]
             ))
             .contains("PALISADE_APP_PORTS")
+        );
+        assert!(
+            err(node(
+                "x",
+                &[
+                    (WORKLOAD_METADATA, "a/b"),
+                    (TCP_UPSTREAMS_METADATA, "127.0.0.1:1=db")
+                ]
+            ))
+            .contains("PALISADE_TCP_UPSTREAMS")
+        );
+        assert!(
+            err(node(
+                "x",
+                &[(WORKLOAD_METADATA, "a/b"), (OUTBOUND_METADATA, "nope")]
+            ))
+            .contains("PALISADE_OUTBOUND")
         );
         assert_eq!(EnvoyNode::from_node(None), Err(NodeError::Missing));
     }

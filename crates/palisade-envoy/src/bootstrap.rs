@@ -35,6 +35,10 @@ pub struct BootstrapOptions {
     pub app_ports: BTreeMap<u16, u16>,
     /// Envoy's admin address, `ip:port`.
     pub admin: String,
+    /// The application's HTTP proxy listener, `ip:port` (empty: none).
+    pub outbound: String,
+    /// Declared TCP upstreams, `LISTEN=HOST:PORT`.
+    pub tcp_upstreams: Vec<String>,
 }
 
 /// Why a bootstrap cannot be written.
@@ -130,6 +134,8 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "metadata": {
                 "PALISADE_WORKLOAD": o.workload,
                 "PALISADE_APP_PORTS": app_ports,
+                "PALISADE_OUTBOUND": o.outbound,
+                "PALISADE_TCP_UPSTREAMS": o.tcp_upstreams.join(","),
             }
         },
         "admin": { "address": socket_address(&admin_host, admin_port) },
@@ -205,6 +211,8 @@ mod tests {
             sds_socket: "/run/web/sds.sock".into(),
             app_ports: [(8080, 18080)].into_iter().collect(),
             admin: "127.0.0.1:15000".into(),
+            outbound: "127.0.0.1:15001".into(),
+            tcp_upstreams: vec![],
         }
     }
 

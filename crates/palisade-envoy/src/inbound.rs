@@ -260,7 +260,7 @@ fn declared_protocol(wire: &WorkloadConfig, name: &str, port: u16) -> PortProtoc
         .unwrap_or_else(|| PortProtocol::from_port_name(name))
 }
 
-fn socket(ip: &str, port: u16) -> Address {
+pub(crate) fn socket(ip: &str, port: u16) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_owned(),

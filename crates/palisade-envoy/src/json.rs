@@ -35,7 +35,8 @@ use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as Netw
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    DownstreamTlsContext, SdsSecretConfig, common_tls_context, subject_alt_name_matcher,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext,
+    common_tls_context, subject_alt_name_matcher,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -256,6 +257,8 @@ pub fn any(a: &Any) -> Value {
     let url = a.type_url.as_str();
     if url == DownstreamTlsContext::type_url() {
         decode(a, downstream_tls)
+    } else if url == UpstreamTlsContext::type_url() {
+        decode(a, upstream_tls)
     } else if url == HttpConnectionManager::type_url() {
         decode(a, hcm)
     } else if url == TcpProxy::type_url() {
@@ -281,8 +284,8 @@ pub fn any(a: &Any) -> Value {
     }
 }
 
-fn downstream_tls(t: &DownstreamTlsContext) -> Value {
-    let common = t.common_tls_context.as_ref().map(|c| {
+fn common_tls(c: &CommonTlsContext) -> Value {
+    {
         let validation = match &c.validation_context_type {
             Some(common_tls_context::ValidationContextType::CombinedValidationContext(v)) => {
                 let default = v.default_validation_context.as_ref().map(|d| {
@@ -330,13 +333,29 @@ fn downstream_tls(t: &DownstreamTlsContext) -> Value {
             o = o.val(k, v);
         }
         o.done()
-    });
+    }
+}
+
+fn downstream_tls(t: &DownstreamTlsContext) -> Value {
     Obj::new()
-        .opt("common_tls_context", common)
+        .opt(
+            "common_tls_context",
+            t.common_tls_context.as_ref().map(common_tls),
+        )
         .opt(
             "require_client_certificate",
             t.require_client_certificate.map(|b| json!(b.value)),
         )
+        .done()
+}
+
+fn upstream_tls(t: &UpstreamTlsContext) -> Value {
+    Obj::new()
+        .opt(
+            "common_tls_context",
+            t.common_tls_context.as_ref().map(common_tls),
+        )
+        .str("sni", &t.sni)
         .done()
 }
 
@@ -822,7 +841,41 @@ pub fn cluster(c: &Cluster) -> Value {
     if !options.is_empty() {
         o = o.val("typed_extension_protocol_options", Value::Object(options));
     }
-    o.done()
+    o.opt(
+        "transport_socket",
+        c.transport_socket.as_ref().map(transport),
+    )
+    .list(
+        "transport_socket_matches",
+        &c.transport_socket_matches,
+        |m| {
+            Obj::new()
+                .str("name", &m.name)
+                .opt("match", m.r#match.as_ref().map(proto_struct))
+                .opt(
+                    "transport_socket",
+                    m.transport_socket.as_ref().map(transport),
+                )
+                .done()
+        },
+    )
+    .done()
+}
+
+/// A `google.protobuf.Struct` as the JSON object it stands for (keys sorted).
+fn proto_struct(s: &envoy_types::pb::google::protobuf::Struct) -> Value {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    fn val(v: &envoy_types::pb::google::protobuf::Value) -> Value {
+        match &v.kind {
+            Some(Kind::StringValue(s)) => json!(s),
+            Some(Kind::BoolValue(b)) => json!(b),
+            Some(Kind::NumberValue(n)) => json!(n),
+            Some(Kind::NullValue(_)) | None => Value::Null,
+            Some(Kind::StructValue(s)) => proto_struct(s),
+            Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(val).collect()),
+        }
+    }
+    Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), val(v))).collect())
 }
 
 fn load_assignment(l: &ClusterLoadAssignment) -> Value {
@@ -830,11 +883,28 @@ fn load_assignment(l: &ClusterLoadAssignment) -> Value {
         .str("cluster_name", &l.cluster_name)
         .list("endpoints", &l.endpoints, |e| {
             Obj::new()
-                .list("lb_endpoints", &e.lb_endpoints, |lb| match &lb.host_identifier {
-                    Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => json!({
-                        "endpoint": Obj::new().opt("address", ep.address.as_ref().map(address)).done()
-                    }),
-                    _ => unprinted("LbEndpoint"),
+                .list("lb_endpoints", &e.lb_endpoints, |lb| {
+                    match &lb.host_identifier {
+                        Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => Obj::new()
+                            .val(
+                                "endpoint",
+                                Obj::new()
+                                    .opt("address", ep.address.as_ref().map(address))
+                                    .done(),
+                            )
+                            .opt(
+                                "metadata",
+                                lb.metadata.as_ref().map(|m| {
+                                    json!({ "filter_metadata": m
+                                    .filter_metadata
+                                    .iter()
+                                    .map(|(k, v)| (k.clone(), proto_struct(v)))
+                                    .collect::<Map<String, Value>>() })
+                                }),
+                            )
+                            .done(),
+                        _ => unprinted("LbEndpoint"),
+                    }
                 })
                 .done()
         })

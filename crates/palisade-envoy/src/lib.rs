@@ -4,6 +4,8 @@
 //!
 //! - [`inbound`]: the workload's inbound listeners (filter chains by effective mTLS mode, HTTP
 //!   connection manager or TCP proxy) and the clusters to the application.
+//! - [`outbound`]: the application's HTTP proxy listener and TCP upstreams, clusters per
+//!   destination with auto mTLS per endpoint.
 //! - [`rbac`]: AuthorizationPolicy to Envoy RBAC (HTTP and network filters), as istiod's
 //!   `pilot/pkg/security/authz/builder` and `model` generate it.
 //! - [`jwt`]: RequestAuthentication to `jwt_authn` (before the RBAC filters), as istiod's
@@ -21,6 +23,7 @@ pub mod bootstrap;
 pub mod inbound;
 pub mod json;
 pub mod jwt;
+pub mod outbound;
 pub mod rbac;
 pub mod tls;
 

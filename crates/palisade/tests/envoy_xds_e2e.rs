@@ -413,3 +413,203 @@ async fn envoy_sidecar_follows_the_control_plane() {
     drop(envoy);
     drop(agent);
 }
+
+/// Envoy client -> Palisade server and Palisade client -> Envoy server, over the outbound side
+/// the control plane generates for the Envoy (HTTP proxy listener, a TCP upstream): each policy
+/// is enforced by the proxy that serves the destination, and each server sees the client's
+/// identity. Addresses 127.0.69.11 to .14.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_pair_in_both_directions() {
+    let workload = |name: &str, addr: &str, sa: &str, labels: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  address: {addr}
+  serviceAccount: {sa}
+  labels: {{{labels}}}
+  ports: {{http: 8080, tcp: 9000}}
+---
+"#
+        )
+    };
+    let service = |name: &str, proxy: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  hosts: [{name}.demo.svc]
+  ports: [{{number: 80, targetPort: 8080, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: server, proxy: {proxy}}}}}
+---
+"#
+        )
+    };
+    let workloads = [
+        workload(
+            "server-envoy",
+            "127.0.69.11",
+            "server",
+            "app: server, proxy: envoy",
+        ),
+        workload(
+            "server-palisade",
+            "127.0.69.12",
+            "server",
+            "app: server, proxy: palisade",
+        ),
+        workload("client-envoy", "127.0.69.13", "client", "app: client"),
+        workload("client-palisade", "127.0.69.14", "client", "app: client"),
+        service("envoy-server", "envoy"),
+        service("palisade-server", "palisade"),
+    ]
+    .concat();
+    let files = [
+        ("workloads.yaml", workloads.as_str()),
+        ("peer.yaml", STRICT),
+        ("allow.yaml", &allow_policy("\"/api/*\"")),
+    ];
+    let mesh = Mesh::start(&files).await;
+    let echo = Echo::start().await;
+    let tcp = TcpEcho::start().await;
+    let app = |extra: &[String]| -> Vec<String> {
+        [
+            format!("8080={}", echo.port()),
+            format!("9000={}", tcp.port()),
+        ]
+        .into_iter()
+        .flat_map(|a| ["--app-port".to_owned(), a])
+        .chain(extra.iter().cloned())
+        .collect()
+    };
+
+    // Envoys: each with its agent and a bootstrap from the CLI.
+    let envoy_for = async |workload: &str, sa: &str, extra: &[String]| {
+        let name = workload.replace('/', "-");
+        let token = mesh.token("demo", sa);
+        let agent = AgentProc::start(
+            mesh.path(),
+            &format!("{name}-agent"),
+            &mesh.ca,
+            &mesh.root(),
+            &token,
+            &[],
+        )
+        .await;
+        let out = Command::new(PALISADE)
+            .args(["envoy", "bootstrap", "--workload", workload])
+            .args(["--xds-address", &mesh.xds, "--sds-socket"])
+            .arg(&agent.sds)
+            .args(["--admin", "127.0.0.1:0"])
+            .args(app(extra))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "envoy bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = mesh.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, &out.stdout).unwrap();
+        (agent, Envoy::start_file(mesh.path(), &name, &path).await)
+    };
+    let envoy_outbound = format!("127.0.0.1:{}", agent_mesh::free_port());
+    let envoy_tcp = format!("127.0.0.1:{}", agent_mesh::free_port());
+    let palisade_tcp = format!("127.0.0.1:{}", agent_mesh::free_port());
+    let _server_envoy = envoy_for("demo/server-envoy", "server", &[]).await;
+    let _client_envoy = envoy_for(
+        "demo/client-envoy",
+        "client",
+        &[
+            "--outbound".to_owned(),
+            envoy_outbound.clone(),
+            "--tcp-upstream".to_owned(),
+            format!("{envoy_tcp}=127.0.69.12:9000"),
+        ],
+    )
+    .await;
+    let _server_palisade = mesh
+        .sidecar("demo/server-palisade", "demo", "server", &app(&[]))
+        .await;
+    let client_palisade = mesh
+        .sidecar(
+            "demo/client-palisade",
+            "demo",
+            "client",
+            &app(&[
+                "--tcp-upstream".to_owned(),
+                format!("{palisade_tcp}=127.0.69.11:9000"),
+            ]),
+        )
+        .await;
+
+    // (via, URL, status wanted): the server's proxy decides.
+    let via_envoy = envoy_outbound.as_str();
+    let via_palisade = client_palisade.outbound.as_str();
+    let cases = [
+        (via_envoy, "http://palisade-server.demo.svc/api/1", 200),
+        (via_envoy, "http://palisade-server.demo.svc/private", 403),
+        (via_envoy, "http://127.0.69.12:8080/api/2", 200),
+        (via_palisade, "http://envoy-server.demo.svc/api/1", 200),
+        (via_palisade, "http://envoy-server.demo.svc/private", 403),
+        (via_palisade, "http://127.0.69.11:8080/api/2", 200),
+    ];
+    // The first request waits for both sides' config and certificates.
+    for (via, url, _) in &cases[..1] {
+        wait_for(
+            "the mixed pair to serve",
+            Duration::from_secs(30),
+            async || {
+                let r = http1(via, &Transport::Plain, "GET", url, &[]).await.ok()?;
+                (r.0 == 200).then_some(())
+            },
+        )
+        .await;
+    }
+    wait_for(
+        "the Palisade client to serve",
+        Duration::from_secs(30),
+        async || {
+            let url = cases[3].1;
+            let r = http1(via_palisade, &Transport::Plain, "GET", url, &[])
+                .await
+                .ok()?;
+            (r.0 == 200).then_some(())
+        },
+    )
+    .await;
+    for (via, url, want) in cases {
+        let (status, body) = http1(via, &Transport::Plain, "GET", url, &[])
+            .await
+            .unwrap();
+        assert_eq!(status, want, "{url} via {via}: {body}");
+        if status == 200 {
+            // The server's proxy saw the client's certificate and says so to the application.
+            assert!(
+                body.contains("spiffe://cluster.local/ns/demo/sa/client"),
+                "{url} via {via}: {body}"
+            );
+        }
+    }
+    // TCP both ways, through declared upstreams: the client identity is allowed on 9000.
+    for addr in [&envoy_tcp, &palisade_tcp] {
+        let echoed = wait_for("a TCP echo", Duration::from_secs(10), async || {
+            tcp_echo(addr, &Transport::Plain, b"ping").await.ok()
+        })
+        .await;
+        assert_eq!(echoed, b"ping");
+    }
+    // Neither Envoy rejected anything.
+    for p in syncz(&mesh).await {
+        assert!(
+            p["types"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|t| t["nacks"] == 0),
+            "{p}"
+        );
+    }
+}

@@ -33,6 +33,13 @@ pub struct BootstrapArgs {
     /// Envoy's admin address.
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:15000")]
     pub admin: String,
+    /// The application's outbound HTTP proxy listener (`curl -x`); the control plane routes
+    /// by Host to ServiceEntry hosts and workload addresses.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:15001")]
+    pub outbound: std::net::SocketAddr,
+    /// A declared outbound TCP upstream: LISTEN_ADDR=HOST:PORT (repeatable).
+    #[arg(long = "tcp-upstream", value_name = "LISTEN=HOST:PORT")]
+    pub tcp_upstreams: Vec<String>,
     /// Print JSON instead of YAML.
     #[arg(long)]
     pub json: bool,
@@ -41,6 +48,12 @@ pub struct BootstrapArgs {
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Bootstrap(args) => {
+            // Checked here, as the control plane will read them: a bad one would only show as
+            // a refused ADS stream once Envoy runs.
+            for t in &args.tcp_upstreams {
+                palisade_control::envoy::parse_tcp_upstreams(t)
+                    .map_err(|e| anyhow::anyhow!("--tcp-upstream {t:?}: {e}"))?;
+            }
             let app_ports: BTreeMap<u16, u16> = args.app_ports.into_iter().collect();
             let bootstrap = palisade_envoy::bootstrap::bootstrap(
                 &palisade_envoy::bootstrap::BootstrapOptions {
@@ -50,6 +63,8 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("--sds-socket {}", args.sds_socket.display()))?,
                     app_ports,
                     admin: args.admin,
+                    outbound: args.outbound.to_string(),
+                    tcp_upstreams: args.tcp_upstreams,
                 },
             )?;
             if args.json {
