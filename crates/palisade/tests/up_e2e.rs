@@ -329,13 +329,27 @@ async fn readme_walkthrough_gives_the_documented_results() {
         "{log}"
     );
 
+    // details is served by a real Envoy (the example asks for one, and the test machine has
+    // it: scripts/install-envoy.sh), beside its agent; the walkthrough above went through it.
+    let up_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("up.json")).unwrap()).unwrap();
+    let details = up_json["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workload"] == "backend/details")
+        .unwrap();
+    assert_eq!(details["proxy"], "envoy", "{details}");
+    let (status, ready) = http_get(&format!("{prefix}2:15000"), "/ready").await.unwrap();
+    assert_eq!((status, ready.trim()), (200, "LIVE"), "Envoy's admin answers");
+
     // Ctrl-C/SIGTERM stops every process `up` started.
     let mut up = up;
     let pids = up.child_pids();
     assert_eq!(
         pids.len(),
-        1 + 5 + 5,
-        "control plane, 5 sidecars, 5 demo apps"
+        1 + 5 + 1 + 5,
+        "control plane, 5 sidecars (one an Envoy), the Envoy's agent, 5 demo apps"
     );
     assert!(up.stop(), "up did not stop within 10 s");
     for pid in pids {

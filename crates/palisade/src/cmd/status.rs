@@ -18,7 +18,7 @@ use anyhow::Context;
 use palisade_control::{ProxyKind, ProxySync, WorkloadConfig};
 use serde_json::Value;
 
-use super::up::{STATE_FILE, UpState, default_state_dir, print_table};
+use super::up::{STATE_FILE, UpState, UpWorkload, default_state_dir, print_table};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -150,8 +150,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let control_plane_up = tokio::net::TcpStream::connect(&up.ca).await.is_ok()
         && tokio::net::TcpStream::connect(&up.xds).await.is_ok();
 
+    // What the control plane says of every ADS stream (older `up` states have no admin).
+    let proxies = match &up.controlplane_admin {
+        Some(admin) if control_plane_up => connected_proxies(admin).await.ok(),
+        _ => None,
+    };
     let mut rows = Vec::new();
     for w in &up.workloads {
+        if w.is_envoy() {
+            rows.push(envoy_row(w, proxies.as_deref()).await);
+            continue;
+        }
         let expected = snapshot
             .as_ref()
             .ok()
@@ -159,11 +168,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         rows.push(workload_row(&w.workload, &w.admin, expected.as_ref()).await);
     }
 
-    // What the control plane says of every ADS stream (older `up` states have no admin).
-    let proxies = match &up.controlplane_admin {
-        Some(admin) if control_plane_up => connected_proxies(admin).await.ok(),
-        _ => None,
-    };
     let healthy = control_plane_up
         && snapshot.is_ok()
         && rows.iter().all(|r| r.ready && r.in_sync == Some(true))
@@ -234,6 +238,56 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// An Envoy workload: ready when Envoy says LIVE, its certificate from its agent, in sync when
+/// the control plane saw it ACK everything pushed (what the directory says is what the
+/// control plane pushes; a refused edit shows as the directory being invalid).
+async fn envoy_row(w: &UpWorkload, proxies: Option<&[ProxySync]>) -> Row {
+    let mut row = Row {
+        workload: w.workload.clone(),
+        admin: w.admin.clone(),
+        ready: false,
+        identity: None,
+        cert_expires: None,
+        config_version: None,
+        in_sync: None,
+        error: None,
+    };
+    match super::echo::http_get(&w.admin, "/ready").await {
+        Ok((status, body)) => row.ready = status == 200 && body.trim() == "LIVE",
+        Err(_) => {
+            row.error = Some("Envoy unreachable".into());
+            return row;
+        }
+    }
+    if let Some(agent) = &w.agent_admin
+        && let Ok((200, body)) = super::echo::http_get(agent, "/certs").await
+    {
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        let leaf = super::up::leaf_of(&v);
+        row.identity = leaf["identity"].as_str().map(str::to_owned);
+        row.cert_expires = leaf["not_after"].as_str().map(str::to_owned);
+    }
+    let stream = proxies.and_then(|ps| {
+        ps.iter()
+            .find(|p| p.kind == ProxyKind::Envoy && p.workload == w.workload)
+    });
+    match stream {
+        Some(p) => {
+            row.config_version = p
+                .types
+                .get(&palisade_control::envoy::listener_type_url())
+                .and_then(|t| t.acked_version.clone());
+            row.in_sync = Some(p.in_sync());
+            if let Some(e) = &p.translate_error {
+                row.error = Some(format!("not generated: {e}"));
+            }
+        }
+        None if proxies.is_some() => row.error = Some("no ADS stream to the control plane".into()),
+        None => {}
+    }
+    row
 }
 
 async fn workload_row(workload: &str, admin: &str, expected: Option<&WorkloadConfig>) -> Row {

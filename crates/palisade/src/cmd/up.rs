@@ -5,7 +5,11 @@
 //! change), one sidecar per WorkloadEntry on the workload's own loopback address (the lean
 //! `palisade-sidecar` binary when it sits next to this one, else `palisade sidecar`), and a demo
 //! application (`palisade echo`) where the WorkloadEntry asks for one with the annotation
-//! `palisade.dev/demo-app: echo`.
+//! `palisade.dev/demo-app: echo`. A WorkloadEntry annotated `palisade.dev/proxy: envoy` gets a
+//! real Envoy instead of Palisade's sidecar, with `palisade agent` serving it certificates over
+//! SDS and the control plane its config over ADS (`palisade envoy bootstrap`); where no Envoy is
+//! installed (`scripts/install-envoy.sh`, or `PALISADE_ENVOY`), `up` says so and runs Palisade's
+//! sidecar for it, which decides the same.
 //!
 //! Children are separate processes so that each can fail (or be killed) on its own: a child that
 //! exits is restarted with backoff and reported, with the same addresses, so the others never
@@ -33,6 +37,10 @@ use tokio::sync::watch;
 
 /// The WorkloadEntry annotation that asks `up` for a demo application beside the sidecar.
 pub const DEMO_APP_ANNOTATION: &str = "palisade.dev/demo-app";
+/// The WorkloadEntry annotation that picks the sidecar: `palisade` (default) or `envoy`.
+pub const PROXY_ANNOTATION: &str = "palisade.dev/proxy";
+/// The agent's admin port beside an Envoy (istio-agent's).
+pub const AGENT_ADMIN_PORT: u16 = 15020;
 /// Sidecar admin and outbound ports, on the workload's own address.
 pub const ADMIN_PORT: u16 = 15000;
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -98,6 +106,19 @@ pub struct UpWorkload {
     /// The demo application's address, when `up` runs one.
     pub app: Option<String>,
     pub log: PathBuf,
+    /// `envoy` when an Envoy is the sidecar (beside `palisade agent`); absent: Palisade's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    /// The agent's admin endpoint, for an Envoy sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_admin: Option<String>,
+}
+
+impl UpWorkload {
+    /// Whether an Envoy serves this workload.
+    pub fn is_envoy(&self) -> bool {
+        self.proxy.as_deref() == Some("envoy")
+    }
 }
 
 /// One workload as `up` runs it.
@@ -107,6 +128,34 @@ struct Planned {
     service_account: String,
     /// workload port -> application port (demo apps only).
     app_ports: BTreeMap<u16, u16>,
+}
+
+/// Where Envoy is: `PALISADE_ENVOY`, else `envoy` on the PATH, else what
+/// `scripts/install-envoy.sh` installs (`.tools/envoy-venv/bin/envoy`) under the working
+/// directory or a directory above the `palisade` binary (`target/release/..`).
+pub fn find_envoy(exe: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("PALISADE_ENVOY") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("PALISADE_ENVOY={} is not a file", p.display()))
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join("envoy"));
+    let installed = std::env::current_dir()
+        .into_iter()
+        .chain(exe.ancestors().skip(1).map(Path::to_path_buf))
+        .map(|d| d.join(".tools/envoy-venv/bin/envoy"));
+    on_path
+        .chain(installed)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "no envoy binary (run scripts/install-envoy.sh, or set PALISADE_ENVOY)".to_owned()
+        })
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -147,7 +196,35 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let tokens = Arc::new(TokenIssuer::load_or_create(&state).context("loading the token issuer")?);
     let trust_domain = TrustDomain::new(&snapshot.mesh.trust_domain)
         .with_context(|| format!("trustDomain {:?}", snapshot.mesh.trust_domain))?;
-    let planned = plan(&snapshot, &trust_domain, &logs)?;
+    let exe = std::env::current_exe().context("locating the palisade binary")?;
+    let wants_envoy: Vec<String> = snapshot
+        .workload_entries
+        .iter()
+        .filter(|w| {
+            w.resource
+                .metadata
+                .annotations
+                .get(PROXY_ANNOTATION)
+                .map(String::as_str)
+                == Some("envoy")
+        })
+        .map(|w| w.resource.key())
+        .collect();
+    let envoy = if wants_envoy.is_empty() {
+        None
+    } else {
+        match find_envoy(&exe) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                eprintln!(
+                    "{} ask for Envoy ({PROXY_ANNOTATION}: envoy), but {why}: Palisade's sidecar runs instead, and decides the same",
+                    wants_envoy.join(", ")
+                );
+                None
+            }
+        }
+    };
+    let planned = plan(&snapshot, &trust_domain, &logs, envoy.as_deref())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut supervisors = Vec::new();
@@ -156,7 +233,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let ca = pick_addr(args.ca_listen)?;
     let xds = pick_addr(args.xds_listen)?;
     let cp_admin = pick_addr(args.controlplane_admin)?;
-    let exe = std::env::current_exe().context("locating the palisade binary")?;
     let sidecar = SidecarProgram::next_to(&exe);
     if let Some(why) = &sidecar.fallback {
         eprintln!("{why}");
@@ -233,6 +309,79 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 refresh()
             })
         };
+        if let (Some(envoy), true) = (&envoy, p.info.is_envoy()) {
+            let sds = run_dir.join(format!("{file}.sds.sock"));
+            let bootstrap = palisade_envoy::bootstrap::bootstrap(
+                &palisade_envoy::bootstrap::BootstrapOptions {
+                    workload: key.clone(),
+                    xds_address: xds.to_string(),
+                    sds_socket: sds.clone(),
+                    app_ports: p.app_ports.clone(),
+                    admin: p.info.admin.clone(),
+                    outbound: p.info.outbound.clone(),
+                    tcp_upstreams: Vec::new(),
+                },
+            )?;
+            let bootstrap_file = run_dir.join(format!("{file}-envoy.json"));
+            std::fs::write(&bootstrap_file, serde_json::to_vec_pretty(&bootstrap)?)
+                .with_context(|| format!("writing {}", bootstrap_file.display()))?;
+            let agent = ChildSpec {
+                name: format!("agent {key}"),
+                exe: exe.clone(),
+                args: os_args([
+                    "agent".as_ref(),
+                    "--ca-addr".as_ref(),
+                    ca.to_string().as_ref(),
+                    "--ca-root".as_ref(),
+                    root.as_os_str(),
+                    "--token-file".as_ref(),
+                    token.as_os_str(),
+                    "--trust-domain".as_ref(),
+                    trust_domain.as_str().as_ref(),
+                    "--cert-ttl".as_ref(),
+                    format!("{}s", args.cert_ttl.as_secs()).as_ref(),
+                    "--sds-socket".as_ref(),
+                    sds.as_os_str(),
+                    "--admin".as_ref(),
+                    p.info.agent_admin.clone().unwrap_or_default().as_ref(),
+                ]),
+                env: Vec::new(),
+                log: logs.join(format!("agent-{file}.log")),
+                pid_file: run_dir.join(format!("agent-{file}.pid")),
+                report: Report::Error,
+                before_start: Some(issue),
+            };
+            supervisors.push(tokio::spawn(supervise(agent, stop_rx.clone())));
+            let spec = ChildSpec {
+                name: format!("envoy {key}"),
+                exe: envoy.clone(),
+                args: os_args([
+                    "--config-path".as_ref(),
+                    bootstrap_file.as_os_str(),
+                    // Several Envoys on one machine: no shared memory for hot restart.
+                    "--disable-hot-restart".as_ref(),
+                    "--concurrency".as_ref(),
+                    "1".as_ref(),
+                    "--log-level".as_ref(),
+                    "warning".as_ref(),
+                    "--component-log-level".as_ref(),
+                    "rbac:debug".as_ref(),
+                ]),
+                env: Vec::new(),
+                log: p.info.log.clone(),
+                pid_file: run_dir.join(format!("sidecar-{file}.pid")),
+                report: Report::Error,
+                before_start: None,
+            };
+            supervisors.push(tokio::spawn(supervise(spec, stop_rx.clone())));
+            if let Some(app) = &p.info.app {
+                supervisors.push(tokio::spawn(supervise(
+                    demo_app(&exe, key, app, &p.info.outbound, &logs, &run_dir),
+                    stop_rx.clone(),
+                )));
+            }
+            continue;
+        }
         let mut sidecar_args: Vec<OsString> = sidecar.prefix.clone();
         sidecar_args.extend(os_args([
             "--workload".as_ref(),
@@ -272,25 +421,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         supervisors.push(tokio::spawn(supervise(spec, stop_rx.clone())));
         if let Some(app) = &p.info.app {
-            let spec = ChildSpec {
-                name: format!("demo app {key}"),
-                exe: exe.clone(),
-                args: os_args([
-                    "echo".as_ref(),
-                    "--listen".as_ref(),
-                    app.as_ref(),
-                    "--name".as_ref(),
-                    key.as_ref(),
-                    "--outbound".as_ref(),
-                    p.info.outbound.as_ref(),
-                ]),
-                env: Vec::new(),
-                log: logs.join(format!("echo-{file}.log")),
-                pid_file: run_dir.join(format!("echo-{file}.pid")),
-                report: Report::Error,
-                before_start: None,
-            };
-            supervisors.push(tokio::spawn(supervise(spec, stop_rx.clone())));
+            supervisors.push(tokio::spawn(supervise(
+                demo_app(&exe, key, app, &p.info.outbound, &logs, &run_dir),
+                stop_rx.clone(),
+            )));
         }
     }
 
@@ -305,10 +439,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     while !pending.is_empty() && started.elapsed() < READY_TIMEOUT {
         let mut still = Vec::new();
         for p in pending {
-            let file = p.info.workload.replace('/', "-");
-            if run_dir.join(format!("{file}.ready")).is_file() {
+            if sidecar_ready(&p.info, &run_dir).await {
                 done += 1;
-                let cert = cert_summary(&p.info.admin).await;
+                let cert = cert_summary(p.info.agent_admin.as_ref().unwrap_or(&p.info.admin)).await;
                 eprintln!(
                     "  [{done}/{total}] {:<24} {}  ({:.1}s)",
                     p.info.workload,
@@ -361,6 +494,51 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     shutdown(&stop_tx, supervisors, &state).await
 }
 
+/// The demo application of `key`, calling out through `outbound`.
+fn demo_app(
+    exe: &Path,
+    key: &str,
+    app: &str,
+    outbound: &str,
+    logs: &Path,
+    run_dir: &Path,
+) -> ChildSpec {
+    let file = key.replace('/', "-");
+    ChildSpec {
+        name: format!("demo app {key}"),
+        exe: exe.to_path_buf(),
+        args: os_args([
+            "echo".as_ref(),
+            "--listen".as_ref(),
+            app.as_ref(),
+            "--name".as_ref(),
+            key.as_ref(),
+            "--outbound".as_ref(),
+            outbound.as_ref(),
+        ]),
+        env: Vec::new(),
+        log: logs.join(format!("echo-{file}.log")),
+        pid_file: run_dir.join(format!("echo-{file}.pid")),
+        report: Report::Error,
+        before_start: None,
+    }
+}
+
+/// Whether a workload's sidecar serves: Palisade's writes its ready file once it holds a
+/// certificate and its config with its listeners open; an Envoy says LIVE on its admin
+/// endpoint once its listeners got their config and secrets.
+async fn sidecar_ready(w: &UpWorkload, run_dir: &Path) -> bool {
+    if w.is_envoy() {
+        matches!(
+            super::echo::http_get(&w.admin, "/ready").await,
+            Ok((200, body)) if body.trim() == "LIVE"
+        )
+    } else {
+        let file = w.workload.replace('/', "-");
+        run_dir.join(format!("{file}.ready")).is_file()
+    }
+}
+
 async fn shutdown(
     stop_tx: &watch::Sender<bool>,
     supervisors: Vec<tokio::task::JoinHandle<()>>,
@@ -380,6 +558,7 @@ fn plan(
     snapshot: &MeshSnapshot,
     trust_domain: &TrustDomain,
     logs: &Path,
+    envoy: Option<&Path>,
 ) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
@@ -442,6 +621,25 @@ fn plan(
                 continue;
             }
         };
+        let proxy = match w
+            .metadata
+            .annotations
+            .get(PROXY_ANNOTATION)
+            .map(String::as_str)
+        {
+            None | Some("palisade") => None,
+            // Without Envoy, Palisade's sidecar stands in (`run` said so).
+            Some("envoy") => envoy.map(|_| "envoy".to_owned()),
+            Some(other) => {
+                errors.push(format!(
+                    "{key}: annotation {PROXY_ANNOTATION}: unknown proxy {other:?} (known: palisade, envoy)"
+                ));
+                continue;
+            }
+        };
+        let agent_admin = proxy
+            .is_some()
+            .then(|| SocketAddr::new(ip, AGENT_ADMIN_PORT).to_string());
         let file = key.replace('/', "-");
         out.push(Planned {
             info: UpWorkload {
@@ -453,6 +651,8 @@ fn plan(
                 outbound: SocketAddr::new(ip, OUTBOUND_PORT).to_string(),
                 app,
                 log: logs.join(format!("sidecar-{file}.log")),
+                proxy,
+                agent_admin,
             },
             namespace: ns,
             service_account: sa,
@@ -540,13 +740,25 @@ async fn wait_until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool
     false
 }
 
-/// "serial 1a2b..., expires 2025-..." from a sidecar's admin endpoint.
+/// The leaf certificate in a `/certs` document: a Palisade sidecar's (`certificates[0]`) or a
+/// `palisade agent`'s (the `default` secret).
+pub(crate) fn leaf_of(certs: &serde_json::Value) -> &serde_json::Value {
+    match certs["secrets"].as_array() {
+        Some(secrets) => secrets
+            .iter()
+            .find(|s| s["resource_name"] == "default")
+            .unwrap_or(&serde_json::Value::Null),
+        None => &certs["certificates"][0],
+    }
+}
+
+/// "serial 1a2b..., expires 2025-..." from a sidecar's or an agent's admin endpoint.
 async fn cert_summary(admin: &str) -> String {
     let Ok((200, body)) = super::echo::http_get(admin, "/certs").await else {
         return "ready".into();
     };
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let c = &v["certificates"][0];
+    let c = leaf_of(&v);
     format!(
         "certificate {} serial {}.., expires {}",
         c["identity"].as_str().unwrap_or("?"),
@@ -562,7 +774,7 @@ async fn cert_summary(admin: &str) -> String {
 
 fn print_summary(snapshot: &MeshSnapshot, s: &UpState) {
     println!();
-    let rows: Vec<[String; 6]> = s
+    let rows: Vec<[String; 7]> = s
         .workloads
         .iter()
         .map(|w| {
@@ -571,6 +783,7 @@ fn print_summary(snapshot: &MeshSnapshot, s: &UpState) {
                 w.identity.clone(),
                 w.address.clone(),
                 w.ports.join(" "),
+                if w.is_envoy() { "envoy" } else { "palisade" }.to_owned(),
                 w.admin.clone(),
                 w.app
                     .clone()
@@ -583,6 +796,7 @@ fn print_summary(snapshot: &MeshSnapshot, s: &UpState) {
         "IDENTITY",
         "ADDRESS",
         "PORTS (mTLS)",
+        "SIDECAR",
         "SIDECAR ADMIN",
         "APP",
     ];
