@@ -13,6 +13,17 @@
 //! PALISADE_REDIRECT                       REDIRECT to the outbound capture port (15001)
 //! ```
 //!
+//! With `redirect_dns` (`--redirect-dns`, Istio's flag of the same name), a fifth chain and a
+//! third jump send the application's DNS to the sidecar's mesh DNS port (15053):
+//!
+//! ```text
+//! OUTPUT     -p udp -j PALISADE_DNS       UDP: the sidecar's own queries RETURN, port 53 is
+//!                                         REDIRECTed to 15053
+//! PALISADE_OUTPUT -p tcp --dport 53 -j PALISADE_DNS   TCP, first in PALISADE_OUTPUT (before the
+//!                                         loopback RETURNs: a resolver on 127.0.0.53 is captured
+//!                                         too); what PALISADE_DNS returns goes on as before
+//! ```
+//!
 //! Nothing else in the table is touched: documents are applied with `--noflush`, declare (and so
 //! flush) only palisade's chains, and add or delete only palisade's two jumps. Declaring a chain
 //! that exists empties it, which is what makes a second install replace the first instead of
@@ -33,18 +44,23 @@ pub const IN_REDIRECT_CHAIN: &str = "PALISADE_IN_REDIRECT";
 pub const OUTPUT_CHAIN: &str = "PALISADE_OUTPUT";
 /// Redirects to the outbound capture port.
 pub const REDIRECT_CHAIN: &str = "PALISADE_REDIRECT";
+/// DNS (UDP and TCP port 53) to the sidecar's mesh DNS port, with `redirect_dns`.
+pub const DNS_CHAIN: &str = "PALISADE_DNS";
 /// Every chain palisade owns, in the order its documents declare them.
-pub const CHAINS: [&str; 4] = [
+pub const CHAINS: [&str; 5] = [
     INBOUND_CHAIN,
     IN_REDIRECT_CHAIN,
     OUTPUT_CHAIN,
     REDIRECT_CHAIN,
+    DNS_CHAIN,
 ];
 
 /// Where the sidecar accepts redirected inbound connections (Istio's port).
 pub const DEFAULT_INBOUND_CAPTURE_PORT: u16 = 15006;
 /// Where the sidecar accepts redirected outbound connections (Istio's port).
 pub const DEFAULT_OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Where the sidecar answers redirected DNS (Istio's port).
+pub const DEFAULT_DNS_CAPTURE_PORT: u16 = 15053;
 /// The uid and gid a sidecar runs as, by Istio's convention (`istio-proxy`, 1337).
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 
@@ -135,6 +151,10 @@ pub enum OptionsError {
     #[error("the {which} capture port is 0")]
     ZeroCapturePort { which: &'static str },
     #[error(
+        "the DNS capture port {0} is also a TCP capture port: DNS over TCP would reach the wrong listener"
+    )]
+    DnsPortClash(u16),
+    #[error(
         "the inbound and outbound capture ports are both {0}: the sidecar could not tell the directions apart"
     )]
     SameCapturePorts(u16),
@@ -195,6 +215,11 @@ pub struct CaptureOptions {
     pub exclude_outbound_ports: Vec<u16>,
     /// Destinations never captured; each goes to the family it belongs to.
     pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Also redirect the application's DNS (UDP and TCP port 53, any destination) to
+    /// `dns_capture_port`, where the sidecar's mesh DNS answers (off by default, as Istio's
+    /// `--redirect-dns`).
+    pub redirect_dns: bool,
+    pub dns_capture_port: u16,
 }
 
 impl Default for CaptureOptions {
@@ -208,6 +233,8 @@ impl Default for CaptureOptions {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            redirect_dns: false,
+            dns_capture_port: DEFAULT_DNS_CAPTURE_PORT,
         }
     }
 }
@@ -222,6 +249,15 @@ impl CaptureOptions {
         }
         if self.inbound_capture_port == self.outbound_capture_port {
             return Err(OptionsError::SameCapturePorts(self.inbound_capture_port));
+        }
+        if self.redirect_dns {
+            let dns = self.dns_capture_port;
+            if dns == 0 {
+                return Err(OptionsError::ZeroCapturePort { which: "DNS" });
+            }
+            if dns == self.inbound_capture_port || dns == self.outbound_capture_port {
+                return Err(OptionsError::DnsPortClash(dns));
+            }
         }
         if self.proxy_uids.is_empty() && self.proxy_gids.is_empty() {
             return Err(OptionsError::NoProxyOwner);
@@ -252,27 +288,51 @@ impl CaptureOptions {
             jumps.push(jump_inbound());
         }
         jumps.push(jump_outbound());
-        Ok(Owned {
-            chains: vec![
-                (INBOUND_CHAIN.to_owned(), inbound),
-                (
-                    IN_REDIRECT_CHAIN.to_owned(),
-                    vec![format!(
-                        "-p tcp -j REDIRECT --to-ports {}",
-                        self.inbound_capture_port
-                    )],
-                ),
-                (OUTPUT_CHAIN.to_owned(), self.output_rules(family)),
-                (
-                    REDIRECT_CHAIN.to_owned(),
-                    vec![format!(
-                        "-p tcp -j REDIRECT --to-ports {}",
-                        self.outbound_capture_port
-                    )],
-                ),
-            ],
-            jumps,
-        })
+        let mut chains = vec![
+            (INBOUND_CHAIN.to_owned(), inbound),
+            (
+                IN_REDIRECT_CHAIN.to_owned(),
+                vec![format!(
+                    "-p tcp -j REDIRECT --to-ports {}",
+                    self.inbound_capture_port
+                )],
+            ),
+            (OUTPUT_CHAIN.to_owned(), self.output_rules(family)),
+            (
+                REDIRECT_CHAIN.to_owned(),
+                vec![format!(
+                    "-p tcp -j REDIRECT --to-ports {}",
+                    self.outbound_capture_port
+                )],
+            ),
+        ];
+        if self.redirect_dns {
+            chains.push((DNS_CHAIN.to_owned(), self.dns_rules()));
+            jumps.push(jump_dns());
+        }
+        Ok(Owned { chains, jumps })
+    }
+
+    /// The sidecar's uids and gids as `owner` match arguments.
+    fn owners(&self) -> Vec<String> {
+        self.proxy_uids
+            .iter()
+            .map(|u| format!("--uid-owner {u}"))
+            .chain(self.proxy_gids.iter().map(|g| format!("--gid-owner {g}")))
+            .collect()
+    }
+
+    /// `PALISADE_DNS`: the sidecar's own queries (to the upstream resolvers) go out as they
+    /// are; the application's, to any address, go to the mesh DNS port.
+    fn dns_rules(&self) -> Vec<String> {
+        let port = self.dns_capture_port;
+        self.owners()
+            .iter()
+            .map(|o| format!("-m owner {o} -j RETURN"))
+            .chain(
+                ["udp", "tcp"].map(|p| format!("-p {p} --dport 53 -j REDIRECT --to-ports {port}")),
+            )
+            .collect()
     }
 
     fn inbound_rules(&self) -> Vec<String> {
@@ -294,22 +354,24 @@ impl CaptureOptions {
 
     fn output_rules(&self, family: Family) -> Vec<String> {
         let loopback = family.loopback();
-        let mut rules: Vec<String> = self
-            .exclude_outbound_ports
-            .iter()
-            .map(|p| format!("-p tcp --dport {p} -j RETURN"))
+        // DNS over TCP first: to any address, loopback included (a local stub resolver).
+        let dns = self
+            .redirect_dns
+            .then(|| format!("-p tcp --dport 53 -j {DNS_CHAIN}"));
+        let mut rules: Vec<String> = dns
+            .into_iter()
+            .chain(
+                self.exclude_outbound_ports
+                    .iter()
+                    .map(|p| format!("-p tcp --dport {p} -j RETURN")),
+            )
             .collect();
         // The sidecar's inbound passthrough to its application (from 127.0.0.6 over lo).
         rules.push(format!(
             "-o lo -s {} -j RETURN",
             family.passthrough_source()
         ));
-        let owners: Vec<String> = self
-            .proxy_uids
-            .iter()
-            .map(|u| format!("--uid-owner {u}"))
-            .chain(self.proxy_gids.iter().map(|g| format!("--gid-owner {g}")))
-            .collect();
+        let owners = self.owners();
         // The sidecar calling its own workload by a non-loopback address (the pod IP, over lo)
         // goes through inbound capture, so that inbound policy applies to it.
         for owner in &owners {
@@ -379,9 +441,14 @@ fn jump_outbound() -> Rule {
     Rule::new("OUTPUT", &format!("-p tcp -j {OUTPUT_CHAIN}"))
 }
 
-/// The only rules palisade ever adds outside its own chains.
-pub fn jumps() -> [Rule; 2] {
-    [jump_inbound(), jump_outbound()]
+fn jump_dns() -> Rule {
+    Rule::new("OUTPUT", &format!("-p udp -j {DNS_CHAIN}"))
+}
+
+/// The only rules palisade ever adds outside its own chains (the last only with
+/// `redirect_dns`).
+pub fn jumps() -> [Rule; 3] {
+    [jump_inbound(), jump_outbound(), jump_dns()]
 }
 
 /// What palisade owns (or wants) in one family's nat table.

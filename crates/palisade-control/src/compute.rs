@@ -1,5 +1,11 @@
-//! Per-workload config: what one proxy gets from a validated mesh snapshot.
+//! Per-workload config: what one proxy gets from a validated mesh snapshot, including the
+//! virtual IPs of ServiceEntries without `addresses` ([`service_vips`]).
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+
+use palisade_dns::vip;
 use palisade_policy::MeshSnapshot;
 use palisade_policy::api::{MtlsMode, WorkloadEntry};
 use palisade_xds::Change;
@@ -83,7 +89,78 @@ fn destinations(snapshot: &MeshSnapshot) -> Vec<Destination> {
         .collect()
 }
 
+/// Whether a ServiceEntry gets virtual IPs: it declares no `addresses` and selects mesh
+/// workloads (its endpoints are the mesh's, so a connection to the VIP has somewhere to go). An
+/// external ServiceEntry without addresses gets none: its hosts resolve as the world says and
+/// its connections pass through, as before.
+fn wants_vips(se: &palisade_policy::api::ServiceEntry) -> bool {
+    se.spec.addresses.is_empty()
+        && se
+            .spec
+            .workload_selector
+            .as_ref()
+            .is_some_and(|s| !s.labels.is_empty())
+}
+
+/// A host that can have an address of its own (not a wildcard, not an address).
+fn nameable(host: &str) -> bool {
+    !host.contains('*') && host.parse::<IpAddr>().is_err()
+}
+
+/// What this control plane handed out so far, so that adding a ServiceEntry never moves another
+/// one's VIP even when their hashes collide (see [`palisade_dns::vip`]). A process that starts
+/// (a restart, `palisade status`) allocates from scratch: the same addresses, except where
+/// hashes collided and sorted order settles them.
+static ALLOCATED: Mutex<BTreeMap<String, Ipv4Addr>> = Mutex::new(BTreeMap::new());
+
+/// The virtual IP of every host of a ServiceEntry that [wants one](wants_vips), by lowercase
+/// host, from 240.240.0.0/16, never an address (or in a CIDR) the mesh declares.
+pub fn service_vips(snapshot: &MeshSnapshot) -> BTreeMap<String, Ipv4Addr> {
+    let hosts: Vec<&str> = snapshot
+        .service_entries
+        .iter()
+        .filter(|s| wants_vips(&s.resource))
+        .flat_map(|s| s.resource.spec.hosts.iter().map(String::as_str))
+        .filter(|h| nameable(h))
+        .collect();
+    if hosts.is_empty() {
+        return BTreeMap::new();
+    }
+    let declared = snapshot
+        .service_entries
+        .iter()
+        .flat_map(|s| s.resource.spec.addresses.iter())
+        .chain(
+            snapshot
+                .workload_entries
+                .iter()
+                .map(|w| &w.resource.spec.address),
+        );
+    let reserved: Vec<ipnet::IpNet> = declared
+        .filter_map(|a| {
+            a.parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| a.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+        })
+        .collect();
+    let mut memory = ALLOCATED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let vips = vip::allocate(hosts, &reserved, &memory);
+    // Remember what is in use now, and what was before (a host removed and added back gets
+    // its address again while nothing else took it); a remembered address now another host's
+    // is forgotten, so that the removed host, back, cannot claim it.
+    let in_use: std::collections::BTreeSet<Ipv4Addr> = vips.values().copied().collect();
+    memory.retain(|h, a| vips.get(h) == Some(a) || !in_use.contains(a));
+    memory.extend(vips.iter().map(|(h, a)| (h.clone(), *a)));
+    if memory.len() > 4 * vips.len().max(1024) {
+        memory.retain(|h, _| vips.contains_key(h));
+    }
+    vips
+}
+
 fn services(snapshot: &MeshSnapshot) -> Vec<Service> {
+    let vips = service_vips(snapshot);
     snapshot
         .service_entries
         .iter()
@@ -109,6 +186,18 @@ fn services(snapshot: &MeshSnapshot) -> Vec<Service> {
                 name: format!("{ns}/{}", se.metadata.name),
                 hosts: se.spec.hosts.clone(),
                 addresses: se.spec.addresses.clone(),
+                auto_addresses: if wants_vips(se) {
+                    se.spec
+                        .hosts
+                        .iter()
+                        .filter_map(|h| {
+                            let h = h.to_ascii_lowercase();
+                            vips.get(&h).map(|a| (h, *a))
+                        })
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                },
                 ports: se
                     .spec
                     .ports
@@ -235,6 +324,79 @@ spec:
         assert_eq!(cfg.services[0].endpoints, vec!["shop/web".to_owned()]);
         assert_eq!(cfg.services[0].ports[0].target_port, Some(8080));
         assert!(workload_config(&s, "shop/none").is_none());
+    }
+
+    /// ServiceEntries without addresses that select workloads get a VIP per host, in
+    /// 240.240.0.0/16; declared addresses and external entries get none; adding an entry keeps
+    /// the others' VIPs.
+    #[test]
+    fn service_entries_without_addresses_get_stable_vips() {
+        let extra = |more: &str| {
+            MeshSnapshot::from_sources(
+                Some(("mesh.yaml", MESH)),
+                &[("w.yaml".to_owned(), format!("{FILES}{more}"))],
+            )
+            .unwrap()
+        };
+        let declared = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.shop.svc]
+  addresses: [240.240.0.0/17]
+  ports: [{number: 80, targetPort: 8080}]
+  workloadSelector: {labels: {app: legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443}]
+";
+        let before = extra(declared);
+        let cfg = workload_config(&before, "shop/web").unwrap();
+        let by_name = |cfg: &WorkloadConfig, n: &str| {
+            cfg.services
+                .iter()
+                .find(|s| s.name == n)
+                .unwrap()
+                .auto_addresses
+                .clone()
+        };
+        let web = by_name(&cfg, "shop/web");
+        let vip = web["web.shop"];
+        assert!(palisade_dns::VIP_NET.contains(&vip));
+        // Not inside the declared 240.240.0.0/17.
+        assert!(vip.octets()[2] >= 128, "{vip}");
+        assert!(by_name(&cfg, "shop/legacy").is_empty());
+        assert!(by_name(&cfg, "shop/external").is_empty());
+        // Every workload is told the same.
+        assert_eq!(
+            by_name(&workload_config(&before, "data/db").unwrap(), "shop/web"),
+            web
+        );
+
+        let added = extra(&format!(
+            "{declared}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: more, namespace: shop}}
+spec:
+  hosts: [a.shop.svc, b.shop.svc, '*.wild.shop']
+  ports: [{{number: 80}}]
+  workloadSelector: {{labels: {{app: web}}}}
+"
+        ));
+        let after = workload_config(&added, "shop/web").unwrap();
+        assert_eq!(by_name(&after, "shop/web"), web);
+        let more = by_name(&after, "shop/more");
+        assert_eq!(
+            more.keys().collect::<Vec<_>>(),
+            ["a.shop.svc", "b.shop.svc"]
+        );
+        assert!(!more.values().any(|a| *a == vip));
     }
 
     #[test]

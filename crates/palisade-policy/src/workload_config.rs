@@ -75,6 +75,11 @@ pub struct Service {
     /// routed as a connection to the service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// The virtual IPs the control plane allocated (from 240.240.0.0/16) to the hosts of a
+    /// ServiceEntry that declares no `addresses`, by host: the sidecar's mesh DNS answers the
+    /// host with it, and a captured connection to it is routed as one to a declared address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub auto_addresses: BTreeMap<String, std::net::Ipv4Addr>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
     /// Keys of the destinations its `workloadSelector` selects (same namespace).

@@ -188,6 +188,15 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
             "outboundPort": c.outbound,
             "outboundTrafficPolicy": cfg.outbound_mode.as_str(),
         })),
+        // Mesh DNS: where unknown names go, and every name this sidecar answers.
+        "dns": shared.options.dns.as_ref().map(|d| json!({
+            "upstreams": d.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "names": cfg.dns.entries().into_iter().map(|(name, a)| {
+                let addrs: Vec<String> = a.v4.iter().map(ToString::to_string)
+                    .chain(a.v6.iter().map(ToString::to_string)).collect();
+                (name.to_owned(), json!(addrs))
+            }).collect::<serde_json::Map<_, _>>(),
+        })),
         "authorizationPolicies": policies,
         "routes": cfg.route_keys(),
         // What the control plane pushed, with key material redacted.

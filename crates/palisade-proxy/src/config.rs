@@ -109,6 +109,8 @@ pub struct ProxyConfig {
     workload_addrs: HashMap<IpAddr, usize>,
     /// `outboundTrafficPolicy.mode` of the mesh.
     pub outbound_mode: OutboundTrafficMode,
+    /// The names mesh DNS answers for this workload (see [`palisade_dns::table`]).
+    pub dns: std::sync::Arc<palisade_dns::NameTable>,
 }
 
 /// Where a captured outbound connection goes (see [`ProxyConfig::captured_outbound`]).
@@ -203,6 +205,7 @@ impl ProxyConfig {
         }
         crate::ext_authz::network::log_not_on_tcp(&wire.workload, &policy);
         let wire_mesh = wire.mesh.clone();
+        let dns = std::sync::Arc::new(name_table(&wire));
         Ok(Self {
             version,
             workload: wire.workload.clone(),
@@ -218,6 +221,7 @@ impl ProxyConfig {
             routes,
             workload_addrs,
             outbound_mode,
+            dns,
         })
     }
 
@@ -303,6 +307,27 @@ fn declared_protocol(wire: &WorkloadConfig, name: &str, port: u16) -> PortProtoc
     from_service.unwrap_or_else(|| PortProtocol::from_port_name(name))
 }
 
+/// The names of the ServiceEntries of `wire` for mesh DNS: each host with the entry's
+/// single-address `addresses`, or with the VIP the control plane allocated to it.
+fn name_table(wire: &WorkloadConfig) -> palisade_dns::NameTable {
+    let mut table = palisade_dns::NameTable::builder(wire.workload_entry.metadata.namespace());
+    for s in &wire.services {
+        let declared: Vec<IpAddr> = s.addresses.iter().filter_map(|a| parse_ip(a)).collect();
+        for host in &s.hosts {
+            let auto = s
+                .auto_addresses
+                .get(&host.to_ascii_lowercase())
+                .map(|&a| IpAddr::V4(a));
+            if declared.is_empty() {
+                table.host(host, auto);
+            } else {
+                table.host(host, declared.iter().copied());
+            }
+        }
+    }
+    table.build()
+}
+
 /// An IP address in config text (a bare address or a single-address CIDR), canonical.
 fn parse_ip(text: &str) -> Option<IpAddr> {
     let text = text
@@ -379,8 +404,13 @@ fn build_routes(wire: &WorkloadConfig, td: &TrustDomain) -> HashMap<String, Hash
                 .filter_map(|d| upstream(d, target, td))
                 .collect();
             let protocol = PortProtocol::parse(&p.protocol).unwrap_or(PortProtocol::Unknown);
-            // Hosts by name (explicit clients), addresses (captured connections to the VIP).
-            let addresses = s.addresses.iter().filter_map(|a| parse_ip(a));
+            // Hosts by name (explicit clients), addresses (captured connections to the VIP,
+            // declared or allocated by the control plane).
+            let addresses = s
+                .addresses
+                .iter()
+                .filter_map(|a| parse_ip(a))
+                .chain(s.auto_addresses.values().map(|&a| IpAddr::V4(a)));
             let keys = s
                 .hosts
                 .iter()
@@ -429,6 +459,9 @@ mod tests {
                            {"number": 9000, "targetPort": 8081}], "endpoints": ["apps/server"]},
                 {"name": "apps/external", "hosts": ["api.example.com"], "addresses": ["192.0.2.50/32"],
                  "ports": [{"number": 443}]},
+                {"name": "apps/auto", "hosts": ["auto.apps.svc"],
+                 "autoAddresses": {"auto.apps.svc": "240.240.7.7"},
+                 "ports": [{"number": 80, "targetPort": 8080, "protocol": "HTTP"}], "endpoints": ["apps/server"]},
             ],
         });
         let wire: WorkloadConfig = serde_json::from_value(doc).unwrap();
@@ -468,6 +501,9 @@ mod tests {
             // A ServiceEntry VIP: service port to target port, the service port's protocol.
             ("240.240.0.3:80", mesh("10.0.0.3:8080", id, Http)),
             ("240.240.0.3:9000", mesh("10.0.0.3:8081", None, Unknown)),
+            // A VIP the control plane allocated: routed exactly as a declared one.
+            ("240.240.7.7:80", mesh("10.0.0.3:8080", id, Http)),
+            ("240.240.7.7:81", None),
             // A workload without a sidecar (IPv6): plaintext, but the mesh's.
             ("[2001:db8::4]:80", mesh("[2001:db8::4]:80", None, Http)),
             // A registered external service without workloads: passed through in both modes.
@@ -494,6 +530,23 @@ mod tests {
             config(Some("REGISTRY_ONLY")).outbound_mode,
             OutboundTrafficMode::RegistryOnly
         );
+    }
+
+    /// Mesh DNS names: declared addresses win, allocated VIPs otherwise, short forms of
+    /// `NAME.NAMESPACE.svc` in the workload's own namespace.
+    #[test]
+    fn dns_names_of_the_config() {
+        let cfg = config(None);
+        let v4 = |n: &str| {
+            cfg.dns
+                .lookup(n)
+                .map(|a| a.v4.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(v4("server.apps.svc").unwrap(), ["240.240.0.3"]);
+        assert_eq!(v4("auto.apps.svc").unwrap(), ["240.240.7.7"]);
+        assert_eq!(v4("auto").unwrap(), ["240.240.7.7"]);
+        assert_eq!(v4("api.example.com").unwrap(), ["192.0.2.50"]);
+        assert_eq!(v4("other.example.com"), None);
     }
 
     /// Explicit clients name workloads by address too: the canonical form is what is stored,

@@ -22,7 +22,10 @@
 //!   redirects the workload's TCP to (`palisade iptables install`). Inbound is served as the
 //!   original destination's port and forwarded to the application at that destination over
 //!   `lo`, from 127.0.0.6; outbound goes to the original destination: mTLS to a mesh workload, else
-//!   as the mesh's `outboundTrafficPolicy` says (passthrough, or refused).
+//!   as the mesh's `outboundTrafficPolicy` says (passthrough, or refused). A ServiceEntry's
+//!   virtual IP (declared, or allocated by the control plane) routes to its endpoints.
+//! - Mesh DNS (`palisade-dns`, with capture): the application's redirected DNS answered from the
+//!   config's ServiceEntry hosts ([`config::ProxyConfig::dns`]), the rest relayed upstream.
 //! - Certificates ([`certs`], [`sds`]): from the agent over SDS, or in process
 //!   (`palisade sidecar`); rotation applies to new handshakes without restart.
 //! - Config ([`ads`], [`config`]): the control plane pushes `palisade.config.v1.WorkloadConfig`
@@ -109,6 +112,9 @@ pub struct ProxyOptions {
     /// Capture mode: the ports iptables redirects to. The per-port inbound listeners are not
     /// opened then (the application listens on its ports itself).
     pub capture: Option<capture::CapturePorts>,
+    /// Mesh DNS (with capture: what `palisade iptables install --redirect-dns` sends port 53
+    /// to): names of the mesh answered from the pushed config, the rest relayed upstream.
+    pub dns: Option<palisade_dns::DnsOptions>,
 }
 
 /// Starting the proxy failed.
@@ -123,6 +129,8 @@ pub enum ProxyError {
     Workload(String),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error(transparent)]
+    Dns(#[from] palisade_dns::DnsError),
 }
 
 /// State shared by every task of one proxy.
@@ -305,6 +313,14 @@ impl Proxy {
         let metrics = metrics::Metrics::default();
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        let dns_metrics = palisade_dns::DnsMetrics::default();
+        let dns_server = match &options.dns {
+            Some(dns) => {
+                dns_metrics.register(&mut registry);
+                Some(palisade_dns::DnsServer::bind(dns).await?)
+            }
+            None => None,
+        };
         let cert_store = Arc::new(Certs::default());
         let (config_gen, _) = watch::channel(0u64);
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| Shared {
@@ -361,6 +377,14 @@ impl Proxy {
         if let Some(listeners) = capture_listeners {
             capture_addrs = listeners.addrs();
             tasks.extend(capture::serve(&shared, listeners)?);
+        }
+        if let Some(dns) = dns_server {
+            let weak = Arc::downgrade(&shared);
+            let table: palisade_dns::TableSource = Arc::new(move || {
+                let cfg = weak.upgrade()?.config.load_full()?;
+                Some(Arc::clone(&cfg.dns))
+            });
+            tasks.extend(dns.serve(table, dns_metrics));
         }
         tasks.push(tokio::spawn(watch_certs(Arc::clone(&shared), certs)));
         tasks.push(tokio::spawn(ads::run(Arc::clone(&shared))));

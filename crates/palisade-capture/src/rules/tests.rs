@@ -651,3 +651,103 @@ fn rollback_restores_the_previous_install() {
         .unwrap();
     assert_eq!(fresh.apply(&doc), before);
 }
+
+#[test]
+fn dns_redirect_document_v4() {
+    let options = CaptureOptions {
+        redirect_dns: true,
+        ..CaptureOptions::default()
+    };
+    let set = options.ruleset(Family::V4).unwrap();
+    let dns = set.chains.iter().find(|(n, _)| n == DNS_CHAIN).unwrap();
+    assert_eq!(
+        dns.1,
+        [
+            "-m owner --uid-owner 1337 -j RETURN",
+            "-m owner --gid-owner 1337 -j RETURN",
+            "-p udp --dport 53 -j REDIRECT --to-ports 15053",
+            "-p tcp --dport 53 -j REDIRECT --to-ports 15053",
+        ]
+    );
+    let output = &set
+        .chains
+        .iter()
+        .find(|(n, _)| n == OUTPUT_CHAIN)
+        .unwrap()
+        .1;
+    // TCP DNS first, before the loopback RETURNs; the rest as without DNS.
+    assert_eq!(output[0], "-p tcp --dport 53 -j PALISADE_DNS");
+    let plain = CaptureOptions::default().ruleset(Family::V4).unwrap();
+    let plain_output = &plain
+        .chains
+        .iter()
+        .find(|(n, _)| n == OUTPUT_CHAIN)
+        .unwrap()
+        .1;
+    assert_eq!(&output[1..], plain_output.as_slice());
+    assert_eq!(
+        set.jumps,
+        [
+            jump_inbound(),
+            jump_outbound(),
+            Rule::new("OUTPUT", "-p udp -j PALISADE_DNS")
+        ]
+    );
+    // Without the flag nothing of DNS is there (the default document is unchanged).
+    assert!(plain.chains.iter().all(|(n, _)| n != DNS_CHAIN));
+    assert!(!plain.jumps.contains(&jump_dns()));
+
+    let clash = CaptureOptions {
+        redirect_dns: true,
+        dns_capture_port: 15001,
+        ..CaptureOptions::default()
+    };
+    assert_eq!(clash.validate(), Err(OptionsError::DnsPortClash(15001)));
+    let zero = CaptureOptions {
+        redirect_dns: true,
+        dns_capture_port: 0,
+        ..CaptureOptions::default()
+    };
+    assert!(zero.validate().is_err());
+    // The port does not matter while DNS is not redirected.
+    let off = CaptureOptions {
+        dns_capture_port: 15001,
+        ..CaptureOptions::default()
+    };
+    assert_eq!(off.validate(), Ok(()));
+}
+
+/// Install with DNS, reinstall without (the DNS chain and jump go), with again, uninstall: the
+/// table ends exactly as it began, in both families.
+#[test]
+fn dns_redirect_round_trip() {
+    let with = CaptureOptions {
+        redirect_dns: true,
+        ..CaptureOptions::default()
+    };
+    for family in Family::ALL {
+        let before = Table::with(&FOREIGN);
+        let (_, installed) = install(&before, &with, family);
+        assert_eq!(
+            installed.rules("OUTPUT"),
+            [
+                "-p tcp --dport 9 -j RETURN",
+                "-p tcp -j PALISADE_OUTPUT",
+                "-p udp -j PALISADE_DNS"
+            ]
+        );
+        let (_, again) = install(&installed, &with, family);
+        assert_eq!(again, installed);
+        let (doc, without) = install(&installed, &CaptureOptions::default(), family);
+        let doc = doc.unwrap();
+        assert!(doc.contains("-D OUTPUT -p udp -j PALISADE_DNS"), "{doc}");
+        assert!(doc.contains("-X PALISADE_DNS"), "{doc}");
+        let (_, plain) = install(&before, &CaptureOptions::default(), family);
+        assert_eq!(without, plain);
+        let (_, back) = install(&without, &with, family);
+        assert_eq!(back, installed);
+        let (_, after) = uninstall(&back, family);
+        assert_eq!(after, before);
+        assert_eq!(after.save(), before.save());
+    }
+}

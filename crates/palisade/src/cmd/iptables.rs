@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use palisade_capture::iptables::{self, Plan};
 use palisade_capture::rules::{
-    DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_OUTBOUND_CAPTURE_PORT, DEFAULT_PROXY_ID,
+    DEFAULT_DNS_CAPTURE_PORT, DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_OUTBOUND_CAPTURE_PORT,
+    DEFAULT_PROXY_ID,
 };
 use palisade_capture::{Backend, CaptureOptions, Family, InboundPorts, IpNet, Snapshot};
 
@@ -79,6 +80,15 @@ pub struct InstallArgs {
     /// Outbound destinations never captured: CIDRs or addresses, IPv4 or IPv6 (comma-separated).
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = cidr)]
     pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Also redirect the application's DNS (UDP and TCP port 53, to any address) to the
+    /// sidecar's mesh DNS (`palisade sidecar --capture` listens on 15053), the proxy's own
+    /// uid/gid excepted (Istio's `--redirect-dns`). Off by default: without it DNS is not
+    /// touched.
+    #[arg(long)]
+    pub redirect_dns: bool,
+    /// Where the sidecar answers redirected DNS (with --redirect-dns).
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_DNS_CAPTURE_PORT, requires = "redirect_dns")]
+    pub dns_capture_port: u16,
 }
 
 fn port(text: &str) -> Result<u16, String> {
@@ -106,6 +116,8 @@ fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
         exclude_inbound_ports: args.exclude_inbound_ports,
         exclude_outbound_ports: args.exclude_outbound_ports,
         exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+        redirect_dns: args.redirect_dns,
+        dns_capture_port: args.dns_capture_port,
     };
     options.validate()?;
     let common = &args.common;
@@ -134,12 +146,20 @@ fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
         .collect();
     println!(
         "palisade iptables: capture installed ({}, {}): inbound TCP ports {} -> {}, outbound TCP -> \
-         {}; not captured: {}, loopback{}{}{}",
+         {}{}; not captured: {}, loopback{}{}{}",
         backend.name(),
         names(&families),
         options.include_inbound_ports,
         options.inbound_capture_port,
         options.outbound_capture_port,
+        if options.redirect_dns {
+            format!(
+                ", DNS (UDP and TCP port 53) -> {}",
+                options.dns_capture_port
+            )
+        } else {
+            String::new()
+        },
         owners.join(", "),
         list(", inbound ports ", &options.exclude_inbound_ports),
         list(", outbound ports ", &options.exclude_outbound_ports),

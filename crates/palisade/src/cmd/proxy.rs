@@ -43,6 +43,15 @@ pub struct ProxyArgs {
     /// Where iptables redirects outbound connections (with --capture).
     #[arg(long, value_name = "PORT", default_value_t = palisade_proxy::capture::CapturePorts::default().outbound, requires = "capture")]
     pub capture_outbound_port: u16,
+    /// With --capture, mesh DNS listens on 127.0.0.1 (and [::1]) on this port, UDP and TCP:
+    /// `palisade iptables install --redirect-dns` sends the application's port-53 queries
+    /// there. Mesh names are answered from the pushed config; the rest go to the nameservers of
+    /// /etc/resolv.conf as it reads at start.
+    #[arg(long, value_name = "PORT", default_value_t = palisade_dns::DEFAULT_DNS_PORT, requires = "capture")]
+    pub dns_port: u16,
+    /// With --capture, do not serve mesh DNS.
+    #[arg(long, requires = "capture")]
+    pub no_dns: bool,
     /// Application port for a workload port: PORT=APPPORT (repeatable).
     #[arg(long = "app-port", value_name = "PORT=APPPORT", value_parser = parse_app_port)]
     pub app_ports: Vec<(u16, u16)>,
@@ -138,6 +147,14 @@ impl ProxyArgs {
                     inbound: self.capture_inbound_port,
                     outbound: self.capture_outbound_port,
                 }),
+            dns: (self.capture && !self.no_dns).then(|| {
+                let path = std::path::Path::new(palisade_dns::resolv::RESOLV_CONF);
+                let upstreams = palisade_dns::resolv::read(path).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "mesh DNS has no upstream resolver");
+                    Vec::new()
+                });
+                palisade_dns::DnsOptions::loopback(self.dns_port, upstreams)
+            }),
         }
     }
 }
