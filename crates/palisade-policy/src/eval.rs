@@ -244,7 +244,7 @@ impl CompiledPolicy {
         if http { &self.http } else { &self.tcp }
     }
 
-    fn prepare<'a>(
+    pub(crate) fn prepare<'a>(
         &'a self,
         req: &'a RequestContext<'a>,
     ) -> Result<(Prepared<'a>, MtlsMode), RequestError> {
@@ -565,7 +565,7 @@ fn clause_matches(c: &Clause, p: &Prepared<'_>) -> bool {
 }
 
 #[inline]
-fn check_matches(k: &Check, p: &Prepared<'_>) -> bool {
+pub(crate) fn check_matches(k: &Check, p: &Prepared<'_>) -> bool {
     attr_matches(&k.attr, p) != k.negate
 }
 

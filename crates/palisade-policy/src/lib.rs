@@ -20,6 +20,7 @@ pub mod eval;
 mod index;
 pub mod load;
 pub mod matcher;
+pub mod matrix;
 pub mod mesh;
 pub mod normalize;
 pub mod protocol;
@@ -37,6 +38,7 @@ pub use eval::{
     RequestContext, RequestError, TraceEntry, TraceStep, Verdict,
 };
 pub use load::load_dir;
+pub use matrix::{Matrix, MatrixError, MatrixOptions, Reachability};
 pub use mesh::{MeshConfig, OutboundTrafficMode};
 pub use normalize::{PathError, PathNormalization, normalize_path};
 pub use protocol::PortProtocol;
