@@ -226,12 +226,14 @@ fn table_and_dot_outputs() {
         dot.contains("\"none\" -> \"frontend/productpage\" [label=\"9080\"];"),
         "{dot}"
     );
-    // Not 9080 (ratings-viewer admits only reviews there), but the legacy port's rule admits any
-    // caller from a loopback address, mesh identities included.
+    // Neither 9080 (ratings-viewer admits only reviews there) nor the legacy port 9081, whose
+    // rule admits loopback callers without a mesh identity only.
     assert!(
-        dot.contains(
-            "\"frontend/productpage\" -> \"backend/ratings\" [label=\"9081?\", style=dashed];"
-        ),
+        !dot.contains("\"frontend/productpage\" -> \"backend/ratings\""),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("\"none\" -> \"backend/ratings\" [label=\"9081?\", style=dashed];"),
         "{dot}"
     );
 }
