@@ -9,9 +9,9 @@ use std::process::ExitCode;
 pub enum Command {
     /// Certificates served over SDS, as `istioctl proxy-config secret` shows them.
     Secret(SecretArgs),
-    /// The listeners and clusters istiod would generate for an Envoy sidecar of workload
-    /// NS/NAME, translated from the mesh directory (printed as Envoy's config_dump JSON; nothing
-    /// runs).
+    /// The listeners and clusters the control plane pushes to an Envoy sidecar of workload
+    /// NS/NAME (what istiod would generate), translated from the mesh directory and printed as
+    /// Envoy's config_dump JSON; nothing runs.
     Envoy(EnvoyArgs),
 }
 
@@ -27,6 +27,13 @@ pub struct EnvoyArgs {
     /// `palisade.dev/app-port-<PORT>` annotation, else the port itself.
     #[arg(long = "app-port", value_name = "PORT=APPPORT", value_parser = parse_app_port)]
     pub app_ports: Vec<(u16, u16)>,
+    /// Also the outbound side, with the application's HTTP proxy listener here (as `palisade
+    /// envoy bootstrap --outbound`, whose default is 127.0.0.1:15001).
+    #[arg(long, value_name = "IP:PORT")]
+    pub outbound: Option<std::net::SocketAddr>,
+    /// A declared outbound TCP upstream: LISTEN_ADDR=HOST:PORT (repeatable).
+    #[arg(long = "tcp-upstream", value_name = "LISTEN=HOST:PORT")]
+    pub tcp_upstreams: Vec<String>,
 }
 
 pub(crate) fn parse_app_port(s: &str) -> Result<(u16, u16), String> {
@@ -73,7 +80,27 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     )
                 })?;
             let app_ports: BTreeMap<u16, u16> = args.app_ports.into_iter().collect();
-            let resources = palisade_envoy::translate_inbound(&wire, &app_ports)?;
+            let mut tcp = Vec::new();
+            for t in &args.tcp_upstreams {
+                tcp.extend(
+                    palisade_control::envoy::parse_tcp_upstreams(t)
+                        .map_err(|e| anyhow::anyhow!("--tcp-upstream {t:?}: {e}"))?,
+                );
+            }
+            // What the control plane pushes to an Envoy of this workload: the inbound side, and
+            // the outbound side when asked for.
+            let mut resources = palisade_envoy::translate_inbound(&wire, &app_ports)?;
+            if args.outbound.is_some() || !tcp.is_empty() {
+                let (listeners, clusters) = palisade_envoy::outbound::translate_outbound(
+                    &wire,
+                    &palisade_envoy::outbound::OutboundOptions {
+                        http: args.outbound,
+                        tcp,
+                    },
+                )?;
+                resources.listeners.extend(listeners);
+                resources.clusters.extend(clusters);
+            }
             println!(
                 "{}",
                 serde_json::to_string_pretty(&palisade_envoy::json::config_dump(&resources))?
