@@ -3,7 +3,8 @@
 //! - Palisade's sidecar subscribes to [`crate::wire::WORKLOAD_CONFIG_TYPE_URL`] by workload
 //!   name and is served from the snapshot cache;
 //! - an Envoy subscribes to listeners and clusters (wildcard) and names its workload in its
-//!   node; it is served the translation of that workload's config ([`crate::envoy`]).
+//!   node; it is served the translation of that workload's config ([`crate::envoy`]), over
+//!   state-of-the-world or delta ADS (`DeltaAggregatedResources`, Envoy's `DELTA_GRPC`).
 //!
 //! The proxy authenticates with its SVID. A stream may only read the config of WorkloadEntries
 //! whose namespace and service account are those of the client certificate's SPIFFE ID, so a
@@ -171,35 +172,19 @@ async fn accept_loop(
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = AdsResponses;
-    type DeltaAggregatedResourcesStream =
-        tokio_stream::Empty<Result<DeltaDiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = DeltaResponses;
 
     async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let Some(id) = peer.as_ref().and_then(|p| p.peer_identity.clone()) else {
-            return Err(Status::unauthenticated(
-                "a mesh client certificate is required",
-            ));
-        };
-        if let Some(status) = &self.status
-            && status.borrow().generation == 0
-        {
-            tracing::warn!(%id, "ADS subscription deferred: no valid mesh config loaded yet");
-            return Err(Status::unavailable(
-                "the control plane has no valid mesh config yet (see its log); retry later",
-            ));
-        }
-        let mut requests = request.into_inner();
-        let allowed = self.allowed_names(&id);
-        // Check the first request here so that a refusal says why (later ones get NOT_FOUND).
-        let first = match requests.message().await? {
-            Some(first) => first,
-            None => return Err(Status::cancelled("stream closed before its first request")),
-        };
-        let remote = peer.and_then(|p| p.remote_addr).map(|a| a.to_string());
+        let Opened {
+            id,
+            remote,
+            allowed,
+            first,
+            requests,
+        } = self.open(request).await?;
         if crate::envoy::is_envoy_type(&first.type_url) {
             return self.serve_envoy(id, remote, allowed, first, requests);
         }
@@ -235,18 +220,62 @@ impl AggregatedDiscoveryService for AdsServer {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta ADS is not supported; use StreamAggregatedResources (Envoy: ads_config.api_type GRPC, as `palisade envoy bootstrap` writes it)",
-        ))
+        let Opened {
+            id,
+            remote,
+            allowed,
+            first,
+            requests,
+        } = self.open(request).await?;
+        if !crate::envoy::is_envoy_type(&first.type_url) {
+            return Err(Status::invalid_argument(format!(
+                "delta ADS serves Envoy's listeners and clusters, not {:?} (Palisade's sidecar uses StreamAggregatedResources)",
+                first.type_url
+            )));
+        }
+        let (out, status, guard) = self.envoy_stream(&id, remote, &allowed, first.node.as_ref())?;
+        let stream = tokio_stream::once(Ok(first)).chain(requests);
+        let responses = palisade_xds::serve_delta_stream(
+            stream,
+            out.subscribe(),
+            Arc::new(envoy_stream_options()),
+            status,
+        );
+        Ok(Response::new(Box::pin(responses.map(move |r| {
+            let _ = &guard;
+            r
+        }))))
     }
+}
+
+/// A stream's first request and what the connection says of its client.
+struct Opened<T> {
+    id: SpiffeId,
+    remote: Option<String>,
+    /// The workloads the client's identity may read.
+    allowed: BTreeSet<String>,
+    first: T,
+    requests: Streaming<T>,
+}
+
+fn envoy_stream_options() -> StreamOptions {
+    StreamOptions::new()
+        .serve(crate::envoy::cluster_type_url(), NamePolicy::Any)
+        .serve(crate::envoy::listener_type_url(), NamePolicy::Any)
+        .allow_wildcard(true)
 }
 
 /// The responses of one ADS stream; for an Envoy, the stream also owns the task that
 /// translates its config (aborted when the stream is dropped).
 pub type AdsResponses =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+/// The responses of one delta ADS stream (Envoy only), owning its translation task.
+pub type DeltaResponses = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>,
+>;
 
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -258,17 +287,61 @@ impl Drop for AbortOnDrop {
 }
 
 impl AdsServer {
-    /// An Envoy's stream: its node names the workload, the identity must match it, and it gets
-    /// its own cache of listeners and clusters translated from that workload's config.
-    fn serve_envoy(
+    /// Checks a client and reads its first request: it must present a mesh certificate, and
+    /// the control plane must have loaded a valid config.
+    async fn open<T: prost::Message + Default + 'static>(
         &self,
-        id: SpiffeId,
+        request: Request<Streaming<T>>,
+    ) -> Result<Opened<T>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let Some(id) = peer.as_ref().and_then(|p| p.peer_identity.clone()) else {
+            return Err(Status::unauthenticated(
+                "a mesh client certificate is required",
+            ));
+        };
+        if let Some(status) = &self.status
+            && status.borrow().generation == 0
+        {
+            tracing::warn!(%id, "ADS subscription deferred: no valid mesh config loaded yet");
+            return Err(Status::unavailable(
+                "the control plane has no valid mesh config yet (see its log); retry later",
+            ));
+        }
+        let mut requests = request.into_inner();
+        let allowed = self.allowed_names(&id);
+        // Check the first request here so that a refusal says why (later ones get NOT_FOUND).
+        let first = match requests.message().await? {
+            Some(first) => first,
+            None => return Err(Status::cancelled("stream closed before its first request")),
+        };
+        let remote = peer.and_then(|p| p.remote_addr).map(|a| a.to_string());
+        Ok(Opened {
+            id,
+            remote,
+            allowed,
+            first,
+            requests,
+        })
+    }
+
+    /// An Envoy's stream (either protocol): its node names the workload, the identity must match
+    /// it, and it gets its own cache of listeners and clusters translated from that workload's
+    /// config, by a task that lives as long as the returned guard.
+    fn envoy_stream(
+        &self,
+        id: &SpiffeId,
         remote: Option<String>,
-        allowed: BTreeSet<String>,
-        first: DiscoveryRequest,
-        requests: Streaming<DiscoveryRequest>,
-    ) -> Result<Response<AdsResponses>, Status> {
-        let node = EnvoyNode::from_node(first.node.as_ref()).map_err(|e| {
+        allowed: &BTreeSet<String>,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    ) -> Result<
+        (
+            Arc<SnapshotCache>,
+            Arc<crate::proxies::StreamStatus>,
+            AbortOnDrop,
+        ),
+        Status,
+    > {
+        let node = EnvoyNode::from_node(node).map_err(|e| {
             tracing::warn!(%id, error = %e, "Envoy ADS subscription refused");
             Status::invalid_argument(e.to_string())
         })?;
@@ -295,10 +368,19 @@ impl AdsServer {
             Arc::clone(&status),
             self.metrics.clone(),
         );
-        let options = StreamOptions::new()
-            .serve(crate::envoy::cluster_type_url(), NamePolicy::Any)
-            .serve(crate::envoy::listener_type_url(), NamePolicy::Any)
-            .allow_wildcard(true);
+        Ok((out, status, AbortOnDrop(translator)))
+    }
+
+    /// An Envoy's state-of-the-world stream.
+    fn serve_envoy(
+        &self,
+        id: SpiffeId,
+        remote: Option<String>,
+        allowed: BTreeSet<String>,
+        first: DiscoveryRequest,
+        requests: Streaming<DiscoveryRequest>,
+    ) -> Result<Response<AdsResponses>, Status> {
+        let (out, status, guard) = self.envoy_stream(&id, remote, &allowed, first.node.as_ref())?;
         // Envoy may spell a wildcard subscription as "*" (the newer form) or as no names.
         let stream = tokio_stream::once(Ok(first)).chain(requests).map(|r| {
             r.map(|mut req| {
@@ -306,9 +388,12 @@ impl AdsServer {
                 req
             })
         });
-        let responses =
-            palisade_xds::serve_stream(stream, out.subscribe(), Arc::new(options), status);
-        let guard = AbortOnDrop(translator);
+        let responses = palisade_xds::serve_stream(
+            stream,
+            out.subscribe(),
+            Arc::new(envoy_stream_options()),
+            status,
+        );
         Ok(Response::new(Box::pin(responses.map(move |r| {
             let _ = &guard;
             r

@@ -39,6 +39,8 @@ pub struct BootstrapOptions {
     pub outbound: String,
     /// Declared TCP upstreams, `LISTEN=HOST:PORT`.
     pub tcp_upstreams: Vec<String>,
+    /// Incremental (delta) ADS instead of state of the world.
+    pub delta: bool,
 }
 
 /// Why a bootstrap cannot be written.
@@ -141,7 +143,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         "admin": { "address": socket_address(&admin_host, admin_port) },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": if o.delta { "DELTA_GRPC" } else { "GRPC" },
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
                 "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }]
@@ -213,6 +215,7 @@ mod tests {
             admin: "127.0.0.1:15000".into(),
             outbound: "127.0.0.1:15001".into(),
             tcp_upstreams: vec![],
+            delta: false,
         }
     }
 
@@ -227,6 +230,15 @@ mod tests {
         );
         let xds = &b["static_resources"]["clusters"][0];
         assert_eq!(xds["type"], "STATIC");
+        assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
+        let delta = BootstrapOptions {
+            delta: true,
+            ..options()
+        };
+        assert_eq!(
+            bootstrap(&delta).unwrap()["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
         let tls = &xds["transport_socket"]["typed_config"]["common_tls_context"];
         assert_eq!(
             tls["tls_certificate_sds_secret_configs"][0]["name"],

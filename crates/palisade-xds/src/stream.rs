@@ -55,6 +55,11 @@ impl StreamOptions {
         self
     }
 
+    /// Whether `type_url` is served.
+    pub(crate) fn serves(&self, type_url: &str) -> bool {
+        self.types.contains_key(type_url)
+    }
+
     /// Finds the type a request is for. An empty `type_url` is accepted when exactly one type
     /// is served (single-type APIs), as the type is then implied by the method.
     fn resolve_type(&self, req: &DiscoveryRequest) -> Result<String, Status> {

@@ -40,6 +40,10 @@ pub struct BootstrapArgs {
     /// A declared outbound TCP upstream: LISTEN_ADDR=HOST:PORT (repeatable).
     #[arg(long = "tcp-upstream", value_name = "LISTEN=HOST:PORT")]
     pub tcp_upstreams: Vec<String>,
+    /// Incremental (delta) ADS (`DELTA_GRPC`) instead of state of the world: only what changed
+    /// is sent on a push.
+    #[arg(long)]
+    pub delta: bool,
     /// Print JSON instead of YAML.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +69,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     admin: args.admin,
                     outbound: args.outbound.to_string(),
                     tcp_upstreams: args.tcp_upstreams,
+                    delta: args.delta,
                 },
             )?;
             if args.json {

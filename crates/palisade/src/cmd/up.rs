@@ -320,6 +320,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     admin: p.info.admin.clone(),
                     outbound: p.info.outbound.clone(),
                     tcp_upstreams: Vec::new(),
+                    delta: false,
                 },
             )?;
             let bootstrap_file = run_dir.join(format!("{file}-envoy.json"));
