@@ -126,6 +126,49 @@ async fn ask(addr: &str, client: &Transport, port: u16, path: Option<&str>) -> u
     }
 }
 
+/// A real Envoy as the sidecar of `workload` (service account `sa`, namespace demo): its
+/// `palisade agent`, then the bootstrap from `palisade envoy bootstrap` (validated by Envoy
+/// itself) with the application's ports and `extra` flags.
+async fn start_envoy(
+    mesh: &Mesh,
+    workload: &str,
+    sa: &str,
+    app: (u16, u16),
+    extra: &[String],
+) -> (AgentProc, Envoy) {
+    let name = workload.replace('/', "-");
+    let token = mesh.token("demo", sa);
+    let agent = AgentProc::start(
+        mesh.path(),
+        &format!("{name}-agent"),
+        &mesh.ca,
+        &mesh.root(),
+        &token,
+        &[],
+    )
+    .await;
+    let out = Command::new(PALISADE)
+        .args(["envoy", "bootstrap", "--workload", workload])
+        .args(["--xds-address", &mesh.xds, "--sds-socket"])
+        .arg(&agent.sds)
+        .args(["--app-port", &format!("8080={}", app.0)])
+        .args(["--app-port", &format!("9000={}", app.1)])
+        .args(["--admin", "127.0.0.1:0"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy bootstrap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = mesh.path().join(format!("{name}.yaml"));
+    std::fs::write(&path, &out.stdout).unwrap();
+    envoy::validate(&path).unwrap();
+    let envoy = Envoy::start_file(mesh.path(), &name, &path).await;
+    (agent, envoy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_sidecar_follows_the_control_plane() {
     let files = [
@@ -145,35 +188,14 @@ async fn envoy_sidecar_follows_the_control_plane() {
     let echo = Echo::start().await;
     let tcp = TcpEcho::start().await;
 
-    // The Envoy: its agent, then the bootstrap from the CLI, validated by Envoy itself.
-    let token = mesh.token("demo", "server");
-    let agent = AgentProc::start(
-        mesh.path(),
-        "envoy-agent",
-        &mesh.ca,
-        &mesh.root(),
-        &token,
+    let (agent, envoy) = start_envoy(
+        &mesh,
+        "demo/server-envoy",
+        "server",
+        (echo.port(), tcp.port()),
         &[],
     )
     .await;
-    let out = Command::new(PALISADE)
-        .args(["envoy", "bootstrap", "--workload", "demo/server-envoy"])
-        .args(["--xds-address", &mesh.xds, "--sds-socket"])
-        .arg(&agent.sds)
-        .args(["--app-port", &format!("8080={}", echo.port())])
-        .args(["--app-port", &format!("9000={}", tcp.port())])
-        .args(["--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "envoy bootstrap: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bootstrap = mesh.path().join("envoy-bootstrap.yaml");
-    std::fs::write(&bootstrap, &out.stdout).unwrap();
-    envoy::validate(&bootstrap).unwrap();
-    let envoy = Envoy::start_file(mesh.path(), "envoy", &bootstrap).await;
 
     let app_args: Vec<String> = [
         format!("8080={}", echo.port()),
@@ -485,43 +507,16 @@ spec:
         .collect()
     };
 
-    // Envoys: each with its agent and a bootstrap from the CLI.
-    let envoy_for = async |workload: &str, sa: &str, extra: &[String]| {
-        let name = workload.replace('/', "-");
-        let token = mesh.token("demo", sa);
-        let agent = AgentProc::start(
-            mesh.path(),
-            &format!("{name}-agent"),
-            &mesh.ca,
-            &mesh.root(),
-            &token,
-            &[],
-        )
-        .await;
-        let out = Command::new(PALISADE)
-            .args(["envoy", "bootstrap", "--workload", workload])
-            .args(["--xds-address", &mesh.xds, "--sds-socket"])
-            .arg(&agent.sds)
-            .args(["--admin", "127.0.0.1:0"])
-            .args(app(extra))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "envoy bootstrap: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = mesh.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, &out.stdout).unwrap();
-        (agent, Envoy::start_file(mesh.path(), &name, &path).await)
-    };
     let envoy_outbound = format!("127.0.0.1:{}", agent_mesh::free_port());
     let envoy_tcp = format!("127.0.0.1:{}", agent_mesh::free_port());
     let palisade_tcp = format!("127.0.0.1:{}", agent_mesh::free_port());
-    let _server_envoy = envoy_for("demo/server-envoy", "server", &[]).await;
-    let _client_envoy = envoy_for(
+    let ports = (echo.port(), tcp.port());
+    let _server_envoy = start_envoy(&mesh, "demo/server-envoy", "server", ports, &[]).await;
+    let _client_envoy = start_envoy(
+        &mesh,
         "demo/client-envoy",
         "client",
+        ports,
         &[
             "--outbound".to_owned(),
             envoy_outbound.clone(),
@@ -631,36 +626,16 @@ async fn delta_ads_configures_envoy() {
     let mesh = Mesh::start(&files).await;
     let echo = Echo::start().await;
     let tcp = TcpEcho::start().await;
-    let token = mesh.token("demo", "server");
-    let agent = AgentProc::start(
-        mesh.path(),
-        "delta-agent",
-        &mesh.ca,
-        &mesh.root(),
-        &token,
-        &[],
+    let (agent, envoy) = start_envoy(
+        &mesh,
+        "demo/server-envoy",
+        "server",
+        (echo.port(), tcp.port()),
+        &["--delta".to_owned()],
     )
     .await;
-    let out = Command::new(PALISADE)
-        .args([
-            "envoy",
-            "bootstrap",
-            "--delta",
-            "--workload",
-            "demo/server-envoy",
-        ])
-        .args(["--xds-address", &mesh.xds, "--sds-socket"])
-        .arg(&agent.sds)
-        .args(["--app-port", &format!("8080={}", echo.port())])
-        .args(["--app-port", &format!("9000={}", tcp.port())])
-        .args(["--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("DELTA_GRPC"));
-    let bootstrap = mesh.path().join("delta.yaml");
-    std::fs::write(&bootstrap, &out.stdout).unwrap();
-    let envoy = Envoy::start_file(mesh.path(), "delta-envoy", &bootstrap).await;
+    let bootstrap = std::fs::read_to_string(mesh.path().join("demo-server-envoy.yaml")).unwrap();
+    assert!(bootstrap.contains("DELTA_GRPC"), "{bootstrap}");
 
     let bundle = mesh.bundle();
     let client = Transport::mtls(mesh.cert("demo", "client"), SERVER_ID, bundle.clone());
