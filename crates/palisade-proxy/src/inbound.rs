@@ -401,8 +401,8 @@ fn forwarded_target(uri: &Uri, mode: palisade_policy::PathNormalization) -> Opti
 }
 
 async fn request(
-    shared: &Shared,
-    info: &ConnInfo,
+    shared: &Arc<Shared>,
+    info: &Arc<ConnInfo>,
     req: Request<Incoming>,
     unwrap: Unwrap,
 ) -> Response<Body> {
@@ -416,11 +416,20 @@ async fn request(
 }
 
 async fn authorize_and_forward(
-    shared: &Shared,
-    info: &ConnInfo,
+    shared: &Arc<Shared>,
+    info: &Arc<ConnInfo>,
     mut req: Request<Incoming>,
     unwrap: Unwrap,
 ) -> Response<Body> {
+    // Taken before anything else looks at the request: the client's side of a tunnel, should
+    // the application accept it.
+    let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
+    // A tunnel outlives its request: it is decided again on every config from this one on.
+    let generation = tunnel.is_some().then(|| {
+        let mut g = shared.config_gen.subscribe();
+        g.borrow_and_update();
+        g
+    });
     let Some(cfg) = shared.config.load_full() else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no config\n");
     };
@@ -433,9 +442,6 @@ async fn authorize_and_forward(
         tracing::info!(target: "palisade::rbac", port = info.port, source = %info.source, error = %e, "request rejected before authorization");
         return text_response(e.status(), "Bad Request");
     }
-    // Taken before anything else looks at the request: the client's side of a tunnel, should
-    // the application accept it.
-    let tunnel = Tunnel::requested(&req).map(|t| (t, hyper::upgrade::on(&mut req)));
     let mut req = req.map(RequestBody::Streaming);
     // CUSTOM (ext_authz) then JWT authentication; see `ext_authz::gate`.
     let gate = match crate::ext_authz::gate::check(shared, &cfg, info, &mut req).await {
@@ -453,6 +459,8 @@ async fn authorize_and_forward(
         Outcome::Deny => return text_response(StatusCode::FORBIDDEN, "RBAC: access denied"),
         Outcome::BadRequest => return text_response(StatusCode::BAD_REQUEST, "Bad Request"),
     }
+    let recheck =
+        generation.map(|generation| tunnel_recheck(shared, info, &req, &gate, generation));
     // HTTP/2 requests carry the authority in the URI: keep it as Host for the HTTP/1.1 app.
     if !req.headers().contains_key(HOST)
         && let Some(a) = req.uri().authority()
@@ -485,7 +493,10 @@ async fn authorize_and_forward(
             on_upgrade: downstream,
             unwrap,
         };
-        return Box::pin(tunnel_to_app(shared, info.port, &gate, side, app, req)).await;
+        return Box::pin(tunnel_to_app(
+            shared, info.port, &gate, side, app, req, recheck,
+        ))
+        .await;
     }
     if matches!(protocol, PortProtocol::Grpc | PortProtocol::Http2) {
         drop(cfg);
@@ -507,6 +518,38 @@ struct Downstream {
     unwrap: Unwrap,
 }
 
+/// How an open tunnel is decided again: the opening request as it was authorized (method,
+/// target, headers, JWT claims) and the connection's facts, under each new config.
+fn tunnel_recheck(
+    shared: &Arc<Shared>,
+    info: &Arc<ConnInfo>,
+    req: &Request<RequestBody>,
+    gate: &crate::ext_authz::gate::Gate,
+    generation: tokio::sync::watch::Receiver<u64>,
+) -> crate::upgrade::Recheck {
+    let mut opening = Request::new(());
+    *opening.method_mut() = req.method().clone();
+    *opening.uri_mut() = req.uri().clone();
+    *opening.version_mut() = req.version();
+    *opening.headers_mut() = req.headers().clone();
+    let claims = gate.claims().cloned();
+    let info = Arc::clone(info);
+    crate::upgrade::Recheck {
+        shared: Arc::clone(shared),
+        generation,
+        allowed: Box::new(move |shared, cfg| {
+            let headers = Headers(opening.headers());
+            let ctx = info.request_context(
+                &opening,
+                &headers,
+                claims.as_ref(),
+                cfg.wire.mesh.num_trusted_proxies(),
+            );
+            authorize(cfg, &ctx, true, &shared.rbac_log) == Outcome::Allow
+        }),
+    }
+}
+
 /// An authorized tunnel request (`Upgrade`, `CONNECT`) to the application, on a connection of
 /// its own; the tunnel opens when the application accepts it.
 async fn tunnel_to_app(
@@ -516,6 +559,7 @@ async fn tunnel_to_app(
     side: Downstream,
     app: SocketAddr,
     mut req: Request<RequestBody>,
+    recheck: Option<crate::upgrade::Recheck>,
 ) -> Response<Body> {
     *req.version_mut() = http::Version::HTTP_11;
     let answer = match crate::app::connect(app, shared.app_source()).await {
@@ -531,6 +575,7 @@ async fn tunnel_to_app(
             side.unwrap,
             upstream,
             shared.metrics.tunnels.clone(),
+            recheck,
         );
         side.tunnel.restore_headers(resp.headers_mut());
     }
@@ -653,15 +698,15 @@ mod tests {
     #[test]
     fn request_future_stays_small() {
         let size = future_size::<
-            &super::Shared,
-            &super::ConnInfo,
+            &std::sync::Arc<super::Shared>,
+            &std::sync::Arc<super::ConnInfo>,
             super::Request<super::Incoming>,
             super::Unwrap,
             _,
         >(super::request);
         let inner = future_size::<
-            &super::Shared,
-            &super::ConnInfo,
+            &std::sync::Arc<super::Shared>,
+            &std::sync::Arc<super::ConnInfo>,
             super::Request<super::Incoming>,
             super::Unwrap,
             _,

@@ -435,6 +435,8 @@ async fn tunnel_to_mesh(
                     unwrap,
                     upstream,
                     shared.metrics.tunnels.clone(),
+                    // The server's sidecar decides whether the tunnel may stay open.
+                    None,
                 );
                 tunnel.restore_headers(resp.headers_mut());
             }

@@ -162,6 +162,7 @@ pub fn splice(
     unwrap: Unwrap,
     upstream: OnUpgrade,
     opened: Family<TunnelLabels, Counter>,
+    recheck: Option<Recheck>,
 ) {
     let kind = tunnel.kind();
     tokio::spawn(async move {
@@ -181,14 +182,57 @@ pub fn splice(
         opened.get_or_create(&TunnelLabels { kind }).inc();
         let mut down = unwrap(down);
         let mut up = TokioIo::new(up);
-        match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            Ok((sent, received)) => {
-                tracing::debug!(kind, sent, received, "tunnel closed");
+        let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+        let Some(mut recheck) = recheck else {
+            log_end(kind, copy.await);
+            return;
+        };
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                end = &mut copy => return log_end(kind, end),
+                changed = recheck.generation.changed() => {
+                    if changed.is_err() {
+                        // No config will come any more: the tunnel stays as authorized.
+                        return log_end(kind, copy.await);
+                    }
+                    let Some(cfg) = recheck.shared.config.load_full() else { continue };
+                    if !(recheck.allowed)(&recheck.shared, &cfg) {
+                        recheck.shared.metrics.tcp_closed_by_policy.inc();
+                        tracing::info!(
+                            target: "palisade::rbac",
+                            kind,
+                            version = %cfg.version,
+                            "open tunnel closed: the new policy denies the request that opened it"
+                        );
+                        // Dropping both ends closes them.
+                        return;
+                    }
+                }
             }
-            Err(e) => tracing::debug!(kind, error = %e, "tunnel ended with an error"),
         }
     });
 }
+
+fn log_end(kind: &'static str, end: std::io::Result<(u64, u64)>) {
+    match end {
+        Ok((sent, received)) => tracing::debug!(kind, sent, received, "tunnel closed"),
+        Err(e) => tracing::debug!(kind, error = %e, "tunnel ended with an error"),
+    }
+}
+
+/// What keeps an open inbound tunnel authorized: on every new config, the request that opened
+/// it is decided again (DENY/ALLOW; a CUSTOM provider is not asked again), and a tunnel the new
+/// policy denies is closed, as an open TCP connection is.
+pub struct Recheck {
+    pub shared: std::sync::Arc<crate::Shared>,
+    /// Subscribed before the opening request was authorized, so no config is missed.
+    pub generation: tokio::sync::watch::Receiver<u64>,
+    pub allowed: StillAllowed,
+}
+
+/// Decides the opening request again under a config.
+pub type StillAllowed = Box<dyn Fn(&crate::Shared, &crate::ProxyConfig) -> bool + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

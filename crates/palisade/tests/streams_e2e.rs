@@ -32,6 +32,8 @@ const SERVER: &str = "127.0.66.1";
 const CLIENT: &str = "127.0.66.2";
 const REFUSED_SERVER: &str = "127.0.66.11";
 const REFUSED_CLIENT: &str = "127.0.66.12";
+const RECHECK_SERVER: &str = "127.0.66.21";
+const RECHECK_CLIENT: &str = "127.0.66.22";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn files(server: &str, client: &str) -> String {
@@ -460,4 +462,58 @@ async fn a_refused_upgrade_opens_no_tunnel() {
         0.0,
         "no tunnel opened"
     );
+}
+
+/// An open WebSocket is decided again on every new config: an edit that no longer allows the
+/// request that opened it closes it (as an open TCP connection is closed), and the same
+/// handshake is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_closes_when_the_policy_stops_allowing_it() {
+    let (mesh, server, _release, _seen) = start(RECHECK_SERVER, RECHECK_CLIENT).await;
+    let client = mesh.sidecar("demo/client", "demo", "client", &[]).await;
+    let tcp = TcpStream::connect(&client.outbound).await.unwrap();
+    let url = format!("ws://{RECHECK_SERVER}:8080/ws/chat");
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url.clone(), tcp))
+        .await
+        .expect("the WebSocket handshake completes")
+        .expect("the WebSocket handshake is accepted");
+    ws.send(Message::text("before")).await.unwrap();
+    let got = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::text("BEFORE"));
+
+    // The edit: /ws/chat is no longer allowed.
+    let edited = files(RECHECK_SERVER, RECHECK_CLIENT).replace("\"/ws/chat\", ", "");
+    assert!(!edited.contains("/ws/chat"));
+    mesh.write_config("mesh-files.yaml", &edited);
+    // The server's sidecar closes the tunnel: the client sees the stream end (or fail), never
+    // another echo.
+    let ended = tokio::time::timeout(WAIT, ws.next()).await;
+    match &ended {
+        Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {}
+        Ok(Some(Ok(m))) => panic!("unexpected message after the edit: {m:?}"),
+        Err(_) => {}
+    }
+    assert!(ended.is_ok(), "the tunnel was not closed within {WAIT:?}");
+    assert_eq!(
+        server
+            .stat("palisade_tcp_connections_closed_by_policy_total", &[])
+            .await,
+        1.0
+    );
+    assert!(
+        server
+            .stderr()
+            .contains("open tunnel closed: the new policy denies the request that opened it"),
+        "{}",
+        server.stderr()
+    );
+    let tcp = TcpStream::connect(&client.outbound).await.unwrap();
+    match tokio_tungstenite::client_async(url, tcp).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected a 403 refusal, got {:?}", other.map(|_| ())),
+    }
 }
