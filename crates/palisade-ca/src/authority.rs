@@ -2,6 +2,12 @@
 //! istiod issues them (random 128-bit serial, NotBefore now - 2 min, TTL default 24 h and max
 //! 90 d, clamped to the CA's own expiry, digitalSignature + keyEncipherment, serverAuth +
 //! clientAuth, CA:false, critical URI SAN, empty subject).
+//!
+//! Before every signature the CA's chain is checked against the clock: while the signing
+//! certificate (or any certificate above it) is expired or not yet valid, nothing is signed and
+//! the refusal names that certificate ([`crate::validity`]). A leaf never outlives the chain:
+//! its notAfter is capped (not refused) at the earliest notAfter of the CA's chain; istiod 1.30
+//! caps at its signing certificate's notAfter the same way.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::csr::{CheckedCsr, CsrError};
 use crate::signer::{Signer, SignerError, random_serial};
+use crate::validity::ValidityError;
 
 /// Default workload certificate lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -44,8 +51,9 @@ pub enum IssueError {
     Csr(#[from] CsrError),
     #[error("requested TTL {requested}s is greater than the max allowed TTL {max}s")]
     TtlTooLong { requested: i64, max: u64 },
-    #[error("the CA certificate has expired")]
-    CaExpired,
+    /// A certificate of the CA's chain is expired or not yet valid: the CA signs nothing.
+    #[error("the CA cannot sign: {0}")]
+    SigningCert(#[from] ValidityError),
     #[error("signing failed: {0}")]
     Sign(#[from] SignerError),
     #[error("identity {0} cannot be written into a certificate")]
@@ -58,7 +66,8 @@ impl IssueError {
         match self {
             Self::Csr(e) => e.reason(),
             Self::TtlTooLong { .. } => "ttl",
-            Self::CaExpired | Self::Sign(_) | Self::BadSan(_) => "internal",
+            Self::SigningCert(_) => "ca_cert_validity",
+            Self::Sign(_) | Self::BadSan(_) => "internal",
         }
     }
 
@@ -169,10 +178,10 @@ impl Authority {
         let now = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .unwrap_or(OffsetDateTime::now_utc());
-        if now >= self.signer.not_after() {
-            return Err(IssueError::CaExpired);
-        }
+        crate::validity::check_chain(self.signer.chain_certs(), now)?;
         let not_before = now - BACKDATE;
+        // Capped, not refused (istiod 1.30 does the same): a leaf that outlived the chain would
+        // fail verification after the CA certificate expires anyway.
         let not_after = (now + ttl).min(self.signer.not_after());
 
         let mut p = CertificateParams::default();
@@ -380,6 +389,155 @@ mod tests {
         // The 24 h default is clamped to the intermediate's expiry.
         assert_eq!(infos[0].not_after, infos[1].not_after);
         assert!(infos[0].not_after < OffsetDateTime::now_utc() + time::Duration::hours(3));
+    }
+
+    /// A plug-in CA directory whose intermediate is valid from `now + nb` to `now + na`, under
+    /// a root valid from `now + root_nb` to `now + root_na`.
+    fn plugin_dir_valid(
+        dir: &Path,
+        (nb, na): (time::Duration, time::Duration),
+        (root_nb, root_na): (time::Duration, time::Duration),
+    ) {
+        let now = OffsetDateTime::now_utc();
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = ca_params("Plug-in Root", time::Duration::days(1));
+        root_params.not_before = now + root_nb;
+        root_params.not_after = now + root_na;
+        let root = root_params.self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(root_params, root_key);
+        let int_key = KeyPair::generate().unwrap();
+        let mut int_params = ca_params("Plug-in Intermediate", time::Duration::days(1));
+        int_params.not_before = now + nb;
+        int_params.not_after = now + na;
+        int_params.use_authority_key_identifier_extension = true;
+        let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), int.pem()).unwrap();
+        std::fs::write(dir.join("ca-key.pem"), int_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("root-cert.pem"), root.pem()).unwrap();
+    }
+
+    /// Signing against the validity of the CA's chain: refused outside it (naming the
+    /// certificate), allowed within it, and a leaf never outlives the intermediate.
+    #[test]
+    fn signing_follows_the_validity_of_the_ca_chain() {
+        let d = time::Duration::days;
+        let ten_years = (d(-1), d(3650));
+        // (name, intermediate validity, root validity, requested TTL (s), expected)
+        enum Want {
+            /// Issued with this lifetime after notBefore's 2-minute backdate (None: capped at
+            /// the intermediate's notAfter).
+            Issued(Option<time::Duration>),
+            Refused(&'static str, &'static str),
+        }
+        let cases = [
+            (
+                "valid",
+                (d(-1), d(365)),
+                ten_years,
+                0,
+                Want::Issued(Some(time::Duration::hours(24))),
+            ),
+            (
+                "expired intermediate",
+                (d(-30), d(-1)),
+                ten_years,
+                0,
+                Want::Refused("intermediate", "has expired"),
+            ),
+            (
+                "intermediate not yet valid",
+                (d(1), d(365)),
+                ten_years,
+                0,
+                Want::Refused("intermediate", "is not yet valid"),
+            ),
+            (
+                "expired root",
+                (d(-1), d(365)),
+                (d(-3650), d(-1)),
+                0,
+                Want::Refused("root", "has expired"),
+            ),
+            (
+                "intermediate within 30 days signs",
+                (d(-1), d(10)),
+                ten_years,
+                0,
+                Want::Issued(Some(time::Duration::hours(24))),
+            ),
+            (
+                "a 30-day leaf under a 10-day intermediate is capped",
+                (d(-1), d(10)),
+                ten_years,
+                30 * 86_400,
+                Want::Issued(None),
+            ),
+        ];
+        for (name, int_validity, root_validity, ttl, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            plugin_dir_valid(dir.path(), int_validity, root_validity);
+            let signer = Signer::load_plugin(dir.path()).unwrap();
+            let intermediate = CertInfo::parse(&signer.chain_after_leaf()[0]).unwrap();
+            let ca = Authority::new(signer, IssuancePolicy::default());
+            match (ca.issue(&csr(), &id(), ttl), want) {
+                (Ok(issued), Want::Issued(lifetime)) => {
+                    let leaf = CertInfo::parse(&issued.chain[0]).unwrap();
+                    assert!(leaf.not_after <= intermediate.not_after, "{name}");
+                    match lifetime {
+                        Some(l) => {
+                            assert_eq!(leaf.not_after - leaf.not_before, l + BACKDATE, "{name}")
+                        }
+                        None => assert_eq!(leaf.not_after, intermediate.not_after, "{name}"),
+                    }
+                }
+                (Err(e), Want::Refused(role, word)) => {
+                    assert!(matches!(e, IssueError::SigningCert(_)), "{name}: {e:?}");
+                    assert_eq!(e.reason(), "ca_cert_validity", "{name}");
+                    assert!(!e.is_caller_error(), "{name}");
+                    let text = e.to_string();
+                    let subject = if role == "root" {
+                        "O=Plug-in Root"
+                    } else {
+                        "O=Plug-in Intermediate"
+                    };
+                    for part in [
+                        role,
+                        word,
+                        subject,
+                        "serial",
+                        "notBefore",
+                        "notAfter",
+                        "now",
+                    ] {
+                        assert!(text.contains(part), "{name}: {text:?} lacks {part:?}");
+                    }
+                }
+                (got, _) => panic!("{name}: unexpected {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_expired_self_signed_root_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut p = ca_params("cluster.local", time::Duration::days(1));
+        p.not_before = OffsetDateTime::now_utc() - time::Duration::days(3650);
+        p.not_after = OffsetDateTime::now_utc() - time::Duration::seconds(5);
+        let root = p.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca-key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("ca-cert.pem"), root.pem()).unwrap();
+        let ca = self_signed(dir.path());
+        let err = ca.issue(&csr(), &id(), 0).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("the CA's root certificate"), "{text}");
+        assert!(text.contains("has expired"), "{text}");
+        // The chain written for `palisade ca status` names it the same way.
+        let path = ca.signer().write_chain(dir.path()).unwrap();
+        let chain = palisade_identity::pem::read_certs(&path).unwrap();
+        let described = crate::validity::describe_chain(&chain, ca.signer().roots()).unwrap();
+        assert_eq!(described, ca.signer().chain_certs());
+        assert_eq!(described[0].role, crate::validity::CertRole::Root);
     }
 
     #[test]

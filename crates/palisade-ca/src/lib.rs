@@ -25,7 +25,11 @@
 //! - `Authority::issue(csr_pem, &caller, ttl_secs) -> Issued`: in-process CSR check and signing.
 //! - `metrics::CaMetrics`: `palisade_ca_certificates_issued_total`,
 //!   `palisade_ca_requests_refused_total{reason}`, `palisade_ca_sign_duration_seconds`,
-//!   `palisade_ca_tls_handshake_failures_total`.
+//!   `palisade_ca_tls_handshake_failures_total`,
+//!   `palisade_ca_signing_cert_expiry_seconds{cert, serial}`.
+//! - [`validity`]: the CA's own chain against the clock. `check_chain` (signing refused outside
+//!   it: `IssueError::SigningCert`), `ExpiryWatch` (the 30-day warning, logged and as the
+//!   gauge), `describe_chain` over `<state>/ca-chain.pem` (what `palisade ca status` reads).
 
 pub mod authority;
 pub mod client;
@@ -35,6 +39,7 @@ pub mod metrics;
 pub mod server;
 pub mod signer;
 pub mod token;
+pub mod validity;
 
 /// Generated from `proto/istio/v1/auth/ca.proto` (package `istio.v1.auth`).
 #[allow(clippy::all, missing_docs)]
@@ -45,5 +50,5 @@ pub mod pb {
 pub use authority::{Authority, IssuancePolicy, IssueError, Issued};
 pub use client::{CaClient, CaClientError, CaClientOptions};
 pub use server::{CONTROL_PLANE_PATH, CaError, CaOptions, CaServer, DEFAULT_LISTEN};
-pub use signer::{CaKeyType, ROOT_CERT_FILE, Signer};
+pub use signer::{CA_CHAIN_FILE, CaKeyType, ROOT_CERT_FILE, Signer};
 pub use token::{ISTIO_CA_AUDIENCE, TokenAuthenticator, TokenError, TokenIssuer};

@@ -1,9 +1,10 @@
 //! CA metrics (prometheus-client): certificates issued, requests refused by reason, signing
-//! latency, and failed TLS handshakes on the CA port.
+//! latency, failed TLS handshakes on the CA port, and the time left on the CA's own certificates.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 /// Re-exported so callers need not depend on prometheus-client to hold the registry.
 pub use prometheus_client::registry::Registry;
@@ -11,6 +12,15 @@ pub use prometheus_client::registry::Registry;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
+}
+
+/// Labels of `palisade_ca_signing_cert_expiry_seconds`: which certificate of the CA's chain.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `root` or `intermediate`.
+    pub cert: String,
+    /// Lowercase hex, to tell several roots or intermediates apart.
+    pub serial: String,
 }
 
 /// The CA's metrics. Cheap to clone (each metric is shared).
@@ -21,6 +31,8 @@ pub struct CaMetrics {
     /// CSR check plus signing, in seconds.
     pub sign_seconds: Histogram,
     pub handshake_failures: Counter,
+    /// Seconds until notAfter of each certificate of the CA's chain (negative once expired).
+    pub signing_cert_expiry: Family<CertLabels, Gauge>,
 }
 
 impl Default for CaMetrics {
@@ -31,6 +43,7 @@ impl Default for CaMetrics {
             // 25 µs .. ~0.8 s
             sign_seconds: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
             handshake_failures: Counter::default(),
+            signing_cert_expiry: Family::default(),
         }
     }
 }
@@ -59,6 +72,11 @@ impl CaMetrics {
             "tls_handshake_failures",
             "Connections to the CA port that failed the TLS handshake",
             m.handshake_failures.clone(),
+        );
+        sub.register(
+            "signing_cert_expiry_seconds",
+            "Seconds until notAfter of each certificate of the CA's chain (negative once expired)",
+            m.signing_cert_expiry.clone(),
         );
         m
     }

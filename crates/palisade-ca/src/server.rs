@@ -31,6 +31,7 @@ use crate::pb::istio_certificate_service_server::{
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::signer::{CaKeyType, Signer, SignerError};
 use crate::token::{TokenAuthenticator, TokenError, TokenIssuer};
+use crate::validity::{ExpiryWatch, ValidityError};
 
 /// Default CA address (istiod's port).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15012";
@@ -53,6 +54,10 @@ pub enum CaError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Jwks(#[from] JwksError),
+    /// The CA's chain is outside its validity at start: it could sign nothing, not even the
+    /// certificate its own port presents.
+    #[error("the CA cannot sign: {0}")]
+    SigningCert(#[from] ValidityError),
     #[error("serving certificate: {0}")]
     Serving(String),
     #[error("TLS: {0}")]
@@ -209,6 +214,11 @@ impl Refusal {
     fn issue(e: &IssueError) -> Self {
         let status = if e.is_caller_error() {
             Status::invalid_argument(e.to_string())
+        } else if let IssueError::SigningCert(_) = e {
+            // Internal, as for any failure of the CA itself, but with the reason: the caller can
+            // do nothing about it, and the operator reading the agent's log must see which CA
+            // certificate to replace. CA certificates are public (every chain carries them).
+            Status::internal(e.to_string())
         } else {
             Status::internal("failed to sign the certificate")
         };
@@ -351,6 +361,7 @@ pub struct CaServer {
     refreshers: Vec<Refresher>,
     metrics: CaMetrics,
     root_cert_path: PathBuf,
+    expiry: ExpiryWatch,
 }
 
 impl std::fmt::Debug for CaServer {
@@ -379,6 +390,9 @@ impl CaServer {
             )?,
         };
         let root_cert_path = signer.write_root_bundle(&options.state_dir)?;
+        // Written even when the chain is out of validity: `palisade ca status` then says which
+        // certificate and since when.
+        signer.write_chain(&options.state_dir)?;
         tracing::info!(
             source = ?signer.source(),
             key = %signer.key_algorithm(),
@@ -386,6 +400,15 @@ impl CaServer {
             root = %root_cert_path.display(),
             "CA signing key ready"
         );
+        let metrics = CaMetrics::register(registry);
+        let expiry = ExpiryWatch::new(signer.chain_certs().to_vec(), metrics.clone());
+        let now = time::OffsetDateTime::now_utc();
+        expiry.update_gauges(now);
+        expiry.log_warnings(now);
+        // Refuse to start rather than serve a port whose certificate nobody can verify: the CA's
+        // own serving certificate would chain through the invalid certificate. The error names
+        // it, and the chain written above lets `palisade ca status` show it.
+        crate::validity::check_chain(signer.chain_certs(), now)?;
         let bundle = TrustBundle::new(options.trust_domain.clone(), signer.roots().to_vec())
             .map_err(|e| CaError::Serving(e.to_string()))?
             .with_aliases(options.trust_domain_aliases.iter().cloned());
@@ -400,7 +423,6 @@ impl CaServer {
         let refreshers = crate::jwks::install(&mut tokens, &options.extra_issuers).await?;
 
         let authority = Arc::new(Authority::new(signer, options.policy.clone()));
-        let metrics = CaMetrics::register(registry);
         let serving_identity = SpiffeId::new(options.trust_domain.clone(), CONTROL_PLANE_PATH)
             .map_err(|e| CaError::Serving(e.to_string()))?;
         let serving =
@@ -422,6 +444,7 @@ impl CaServer {
             refreshers,
             metrics,
             root_cert_path,
+            expiry,
         })
     }
 
@@ -475,6 +498,7 @@ impl CaServer {
             .into_iter()
             .map(|r| tokio::spawn(r.run()))
             .collect();
+        let expiry = tokio::spawn(self.expiry.run(time::OffsetDateTime::now_utc, None));
 
         let result = tonic::transport::Server::builder()
             .add_service(IstioCertificateServiceServer::new(self.service))
@@ -482,6 +506,7 @@ impl CaServer {
             .await;
         accept_loop.abort();
         rotation.abort();
+        expiry.abort();
         for r in refreshers {
             r.abort();
         }

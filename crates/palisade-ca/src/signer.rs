@@ -14,11 +14,16 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::FromDer;
 
+use crate::validity::{CertRole, ChainCert};
+
 /// File names in the state directory.
 pub const STATE_CA_KEY: &str = "ca-key.pem";
 pub const STATE_CA_CERT: &str = "ca-cert.pem";
 /// The mesh root bundle every workload trusts (written on each start).
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// The CA's own chain, signing certificate first and roots last (written on each start, for
+/// `palisade ca status`).
+pub const CA_CHAIN_FILE: &str = "ca-chain.pem";
 
 /// Lifetime of the self-signed root.
 pub const ROOT_LIFETIME: Duration = Duration::days(3650);
@@ -86,6 +91,8 @@ pub struct Signer {
     roots: Vec<CertificateDer<'static>>,
     /// Earliest expiry along the chain: no leaf may outlive it.
     not_after: OffsetDateTime,
+    /// Validity facts of `chain_after_leaf`, checked before every signature.
+    chain_certs: Vec<ChainCert>,
     key_algorithm: KeyAlgorithm,
     source: SignerSource,
 }
@@ -150,6 +157,7 @@ impl Signer {
             chain_after_leaf: vec![root.clone()],
             roots: vec![root.clone()],
             not_after: info.not_after,
+            chain_certs: vec![ChainCert::from_info(&info, CertRole::Root)],
             key_algorithm: info.key_algorithm,
             source: SignerSource::SelfSigned { created },
         })
@@ -203,9 +211,16 @@ impl Signer {
             ));
         }
         let mut not_after = info.not_after;
-        for c in chain_after_leaf.iter().chain(&roots) {
+        let mut chain_certs = Vec::with_capacity(chain_after_leaf.len() + roots.len());
+        for (n, c) in chain_after_leaf.iter().chain(&roots).enumerate() {
             let i = CertInfo::parse(c).map_err(|e| plugin_err(e.to_string()))?;
             not_after = not_after.min(i.not_after);
+            let role = if n >= chain_after_leaf.len() {
+                CertRole::Root
+            } else {
+                CertRole::Intermediate
+            };
+            chain_certs.push(ChainCert::from_info(&i, role));
         }
         let issuer = Issuer::from_ca_cert_der(&ca_cert, key)
             .map_err(|e| plugin_err(format!("ca-cert.pem unusable as issuer: {e}")))?;
@@ -215,6 +230,7 @@ impl Signer {
             chain_after_leaf,
             roots,
             not_after,
+            chain_certs,
             key_algorithm: info.key_algorithm,
             source: SignerSource::Plugin {
                 dir: dir.to_path_buf(),
@@ -231,6 +247,23 @@ impl Signer {
             FileMode::Public,
         )?;
         Ok(path)
+    }
+
+    /// Writes the CA's chain (signing certificate first, roots last) to
+    /// `<state_dir>/ca-chain.pem`, where `palisade ca status` reads it.
+    pub fn write_chain(&self, state_dir: &Path) -> Result<PathBuf, SignerError> {
+        let path = state_dir.join(CA_CHAIN_FILE);
+        pemio::write_file_atomic(
+            &path,
+            pemio::certs_to_pem(&self.chain_after_leaf).as_bytes(),
+            FileMode::Public,
+        )?;
+        Ok(path)
+    }
+
+    /// The validity facts of the CA's chain: signing certificate first, roots last.
+    pub fn chain_certs(&self) -> &[ChainCert] {
+        &self.chain_certs
     }
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {

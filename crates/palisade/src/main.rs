@@ -34,6 +34,9 @@ enum Command {
     /// Request and inspect workload certificates.
     #[command(subcommand)]
     Cert(cmd::cert::Command),
+    /// The control plane's CA: its certificate chain and their validity.
+    #[command(subcommand)]
+    Ca(cmd::ca::Command),
     /// Run the workload agent: key, certificate rotation, and SDS for the proxy.
     Agent(cmd::agent::Args),
     /// Run the sidecar proxy of one workload (certificates over SDS, config from the control plane).
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Controlplane(args) => cmd::controlplane::run(args).await,
             Command::Token(c) => cmd::token::run(c).await,
             Command::Cert(c) => cmd::cert::run(c).await,
+            Command::Ca(c) => cmd::ca::run(c).await,
             Command::Agent(args) => cmd::agent::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
             Command::Sidecar(args) => cmd::sidecar::run(args).await,

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod analyze;
 pub mod authz;
+pub mod ca;
 pub mod cert;
 pub mod controlplane;
 pub mod describe;
