@@ -340,8 +340,14 @@ async fn readme_walkthrough_gives_the_documented_results() {
         .find(|w| w["workload"] == "backend/details")
         .unwrap();
     assert_eq!(details["proxy"], "envoy", "{details}");
-    let (status, ready) = http_get(&format!("{prefix}2:15000"), "/ready").await.unwrap();
-    assert_eq!((status, ready.trim()), (200, "LIVE"), "Envoy's admin answers");
+    let (status, ready) = http_get(&format!("{prefix}2:15000"), "/ready")
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, ready.trim()),
+        (200, "LIVE"),
+        "Envoy's admin answers"
+    );
 
     // Ctrl-C/SIGTERM stops every process `up` started.
     let mut up = up;
