@@ -53,6 +53,17 @@ fn run(mut cmd: Command, limit: Duration) -> (bool, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read both pipes while the child runs: a child that writes more than a pipe holds (cargo
+    // metadata's JSON passed 64 KiB) would otherwise block on write and never exit.
+    fn drain(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    }
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > limit {
@@ -61,11 +72,11 @@ fn run(mut cmd: Command, limit: Duration) -> (bool, String, String) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = child.wait_with_output().unwrap();
+    let status = child.wait().unwrap();
     (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.success(),
+        stdout.join().unwrap(),
+        stderr.join().unwrap(),
     )
 }
 
