@@ -116,6 +116,10 @@ impl Up {
             .arg(&state)
             .env_remove("RUST_LOG")
             .env_remove("PALISADE_LOG")
+            // Palisade's own children only: Envoy (bookinfo's details asks for one) is not a
+            // palisade binary and sets no parent-death signal; `up` then runs Palisade's
+            // sidecar in its place.
+            .env("PALISADE_ENVOY", "/nonexistent/envoy")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
